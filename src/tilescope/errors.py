@@ -1,0 +1,75 @@
+"""One exception family for everything Tilescope reports to a user.
+
+Every message names the file (or model, or store) involved and says what to do about it.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class TilescopeError(Exception):
+    """Base class of every error Tilescope raises on purpose."""
+
+
+# -- slides -----------------------------------------------------------------------------------
+class SlideError(TilescopeError):
+    """A slide file could not be opened or read."""
+
+    def __init__(self, path: str | PathLike[str] | None, reason: str) -> None:
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{reason}")
+
+
+class SlideNotFoundError(SlideError):
+    """The path does not exist or is not a file."""
+
+
+class UnsupportedFormatError(SlideError):
+    """The file exists but OpenSlide cannot read it (not a slide, empty, corrupt, or unknown)."""
+
+
+class RegionReadError(SlideError):
+    """A region of an otherwise readable slide failed to decode."""
+
+
+class MissingMppError(SlideError):
+    """A step needs physical pixel size but the slide has none and no override was given."""
+
+
+# -- geometry -----------------------------------------------------------------------------------
+class GridError(TilescopeError):
+    """Invalid tiling parameters."""
+
+
+# -- models -------------------------------------------------------------------------------------
+class ModelError(TilescopeError):
+    """A model could not be loaded or used."""
+
+
+class WeightsNotFoundError(ModelError):
+    """The model's weights are not reachable (no network, not cached, no local folder)."""
+
+
+# -- stores -------------------------------------------------------------------------------------
+class StoreError(TilescopeError):
+    """An embedding store could not be created, opened or read."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was made with other parameters; the message lists the differences."""
+
+
+class StoreCorruptError(StoreError):
+    """A store's layout or attributes are damaged."""
+
+
+# -- scoring and search -------------------------------------------------------------------------
+class PromptError(TilescopeError):
+    """A prompt set is empty or malformed."""
+
+
+class SearchError(TilescopeError):
+    """A region query cannot be answered (no tissue, no embedded tiles, incompatible stores)."""

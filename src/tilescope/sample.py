@@ -1,0 +1,77 @@
+"""The sample slide: CMU-1-Small-Region.svs from the OpenSlide test data (CC0).
+
+Looked up in this order: the file named by ``TILESCOPE_SAMPLE_SLIDE``; the user's cache
+(``$XDG_CACHE_HOME/tilescope`` or ``~/.cache/tilescope``); else downloaded once from the public
+OpenSlide test-data site into that cache and checked by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from .errors import TilescopeError
+
+SAMPLE_NAME = "CMU-1-Small-Region.svs"
+SAMPLE_URL = "https://openslide.cs.cmu.edu/download/openslide-testdata/Aperio/CMU-1-Small-Region.svs"
+SAMPLE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
+ENV_VAR = "TILESCOPE_SAMPLE_SLIDE"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tilescope"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_slide_path(*, download: bool = True, timeout: float = 30.0) -> Path:
+    """Path to the sample slide, downloading it once if needed.
+
+    Raises
+    ------
+    TilescopeError
+        If ``TILESCOPE_SAMPLE_SLIDE`` names a missing file, or the download fails (offline).
+    """
+    env = os.environ.get(ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise TilescopeError(f"{ENV_VAR}={env}: no such file; point it at {SAMPLE_NAME}")
+        return path
+    cached = cache_dir() / SAMPLE_NAME
+    if cached.is_file() and sha256_file(cached) == SAMPLE_SHA256:
+        return cached
+    if not download:
+        raise TilescopeError(f"the sample slide is not cached at {cached}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=".download-", suffix=".svs")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SAMPLE_URL, timeout=timeout) as r:
+            for block in iter(lambda: r.read(1 << 20), b""):
+                out.write(block)
+        digest = sha256_file(tmp)
+        if digest != SAMPLE_SHA256:
+            raise TilescopeError(
+                f"downloaded {SAMPLE_URL} but its sha256 is {digest}, expected {SAMPLE_SHA256}; "
+                f"try again, or download it yourself and set {ENV_VAR} to its path"
+            )
+        os.replace(tmp, cached)  # atomic: the cache never holds a partial file
+    except OSError as exc:
+        raise TilescopeError(
+            f"could not download the sample slide from {SAMPLE_URL} ({exc}). Offline? Copy "
+            f"{SAMPLE_NAME} to {cached} or set {ENV_VAR} to its path"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return cached

@@ -1,0 +1,456 @@
+"""Open a whole-slide image with OpenSlide and read it at a physical resolution.
+
+`Slide` is the only place that talks to OpenSlide. It knows dimensions, levels, mpp (with an
+explicit override for slides that lack it) and how to read a region at a requested mpp from the
+best pyramid level. It never exposes associated images (label, macro): they can carry patient
+identifiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    MissingMppError,
+    RegionReadError,
+    SlideError,
+    SlideNotFoundError,
+    UnsupportedFormatError,
+)
+
+#: File suffixes OpenSlide reads (the napari reader claims these).
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm",
+)  # fmt: skip
+
+#: Two resolutions closer than this (relative) count as equal: a 0.499 µm/px slide is read as
+#: 0.5 µm/px without resampling.
+MPP_TOLERANCE = 0.02
+
+_HEADER_BYTES = 1 << 20
+
+
+def _openslide() -> Any:
+    """Import openslide with the bundled library from openslide-bin."""
+    import openslide  # openslide-python finds openslide-bin's library by itself
+
+    return openslide
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Plain metadata of a slide, for printing and JSON."""
+
+    path: str
+    vendor: str
+    dimensions: tuple[int, int]
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float | None
+    mpp_y: float | None
+    mpp_source: str
+    objective_power: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "vendor": self.vendor,
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "mpp_x": self.mpp_x,
+            "mpp_y": self.mpp_y,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+        }
+
+
+class Slide:
+    """A whole-slide image opened with OpenSlide.
+
+    Parameters
+    ----------
+    path
+        Any file OpenSlide opens (SVS, NDPI, MRXS, tiled TIFF, DICOM, ...).
+    mpp
+        Micrometres per pixel at level 0, overriding the slide's own value. Needed for slides
+        that do not record it; ignored otherwise only if ``None``.
+
+    Examples
+    --------
+    >>> with Slide("CMU-1-Small-Region.svs") as s:  # doctest: +SKIP
+    ...     tile = s.read_region_mpp((1000, 1000), (224, 224), mpp=0.5)
+    """
+
+    def __init__(self, path: str | PathLike[str], *, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise SlideError(self.path, f"mpp override must be a positive number, got {mpp!r}")
+        self._mpp_override = None if mpp is None else float(mpp)
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        self._lock = threading.Lock()
+        self._check_file()
+        self._osr  # open now so a bad file fails here, not later
+
+    # -- opening ----------------------------------------------------------------------------
+    def _check_file(self) -> None:
+        if not self.path.exists():
+            raise SlideNotFoundError(self.path, "no such file; check the path")
+        if not self.path.is_file():
+            raise SlideNotFoundError(self.path, "is not a file (a folder?); pass the slide file")
+        if self.path.stat().st_size == 0:
+            raise UnsupportedFormatError(self.path, "the file is empty (0 bytes); copy it again")
+        openslide = _openslide()
+        try:
+            vendor = openslide.OpenSlide.detect_format(str(self.path))
+        except Exception as exc:  # OpenSlide raises on unreadable files
+            raise UnsupportedFormatError(self.path, f"OpenSlide cannot read it ({exc})") from exc
+        if vendor is None:
+            raise UnsupportedFormatError(
+                self.path,
+                "not a whole-slide image OpenSlide can read (formats: SVS, NDPI, MRXS, SCN, "
+                "VMS, BIF, DICOM, tiled pyramidal TIFF); plain PNG/JPEG or strip TIFFs are not "
+                "slides",
+            )
+
+    @property
+    def _osr(self) -> Any:
+        """This thread's OpenSlide handle (one per thread, as tiffslide does)."""
+        osr = getattr(self._local, "osr", None)
+        if osr is None:
+            openslide = _openslide()
+            try:
+                osr = openslide.OpenSlide(str(self.path))
+            except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
+                raise UnsupportedFormatError(self.path, f"OpenSlide failed to open it: {exc}")
+            self._local.osr = osr
+            with self._lock:
+                self._handles.append(osr)
+        return osr
+
+    def close(self) -> None:
+        """Close every handle opened by any thread."""
+        with self._lock:
+            for osr in self._handles:
+                osr.close()
+            self._handles.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        mpp = f"{self.mpp_x:.4g}" if self.mpp_x else "unknown"
+        return f"Slide({self.name!r}, {w}x{h}, {self.level_count} levels, mpp={mpp})"
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def properties(self) -> dict[str, str]:
+        return dict(self._osr.properties)
+
+    @cached_property
+    def vendor(self) -> str:
+        return self.properties.get("openslide.vendor", "unknown")
+
+    @cached_property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return tuple(self._osr.dimensions)  # type: ignore[return-value]
+
+    @cached_property
+    def level_count(self) -> int:
+        return int(self._osr.level_count)
+
+    @cached_property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self._osr.level_dimensions)  # type: ignore[misc]
+
+    @cached_property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._osr.level_downsamples)
+
+    @cached_property
+    def _native_mpp(self) -> tuple[float | None, float | None, str]:
+        props = self.properties
+        x, y = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
+        if x and y:
+            return x, y, "slide"
+        # Generic TIFFs: OpenSlide may not translate resolution tags; do it here.
+        unit = props.get("tiff.ResolutionUnit", "").lower()
+        rx, ry = _float(props.get("tiff.XResolution")), _float(props.get("tiff.YResolution"))
+        per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+        if per_um and rx and ry:
+            return per_um / rx, per_um / ry, "tiff-resolution"
+        return None, None, "missing"
+
+    @property
+    def mpp_x(self) -> float | None:
+        return self._mpp_override or self._native_mpp[0]
+
+    @property
+    def mpp_y(self) -> float | None:
+        return self._mpp_override or self._native_mpp[1]
+
+    @property
+    def mpp_source(self) -> str:
+        return "override" if self._mpp_override else self._native_mpp[2]
+
+    @property
+    def has_mpp(self) -> bool:
+        return self.mpp_x is not None
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 µm per pixel (mean of x and y). Raises `MissingMppError` if unknown."""
+        if self.mpp_x is None or self.mpp_y is None:
+            raise MissingMppError(
+                self.path,
+                "the slide does not record its pixel size (microns per pixel); pass it "
+                "explicitly, e.g. `--slide-mpp 0.25` on the command line or `mpp=0.25` in Python",
+            )
+        return (self.mpp_x + self.mpp_y) / 2
+
+    @cached_property
+    def objective_power(self) -> float | None:
+        return _float(self.properties.get("openslide.objective-power"))
+
+    def info(self) -> SlideInfo:
+        return SlideInfo(
+            path=str(self.path),
+            vendor=self.vendor,
+            dimensions=self.dimensions,
+            level_count=self.level_count,
+            level_dimensions=self.level_dimensions,
+            level_downsamples=self.level_downsamples,
+            mpp_x=self.mpp_x,
+            mpp_y=self.mpp_y,
+            mpp_source=self.mpp_source,
+            objective_power=self.objective_power,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this slide in a store's provenance (no associated images, no PHI)."""
+        with open(self.path, "rb") as fh:
+            header = hashlib.sha256(fh.read(_HEADER_BYTES)).hexdigest()
+        return {
+            "name": self.name,
+            "size_bytes": self.path.stat().st_size,
+            "dimensions": list(self.dimensions),
+            "mpp": [self.mpp_x, self.mpp_y],
+            "mpp_source": self.mpp_source,
+            "header_sha256": header,
+            "openslide_quickhash": self.properties.get("openslide.quickhash-1"),
+        }
+
+    # -- reading ----------------------------------------------------------------------------
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level at or finer than `downsample` (within `MPP_TOLERANCE`)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + MPP_TOLERANCE):
+                best = i
+        return best
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of `size` pixels at `level`; `location` in level-0 pixels.
+
+        Areas outside the slide or transparent in it come back white (glass).
+        """
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(self.path, f"region size must be positive, got {size}")
+        if not 0 <= level < self.level_count:
+            raise SlideError(self.path, f"level {level} out of range 0..{self.level_count - 1}")
+        try:
+            rgba = self._osr.read_region((int(location[0]), int(location[1])), level, (w, h))
+        except Exception as exc:
+            raise RegionReadError(
+                self.path,
+                f"failed to decode region at level-0 ({location[0]}, {location[1]}), "
+                f"level {level}, size {w}x{h}: {exc}",
+            ) from exc
+        return _rgba_to_rgb(np.asarray(rgba))
+
+    def read_region_mpp(
+        self, location: tuple[int, int], size: tuple[int, int], *, mpp: float
+    ) -> np.ndarray:
+        """Read `size` (w, h) pixels at `mpp` µm/px whose top-left is `location` (level 0).
+
+        Reads from the closest level at or finer than `mpp` and resizes with antialiasing, unless
+        that level is already within `MPP_TOLERANCE` of `mpp`.
+        """
+        downsample = self.downsample_for_mpp(mpp)
+        level = self.best_level_for_downsample(downsample)
+        level_ds = self.level_downsamples[level]
+        scale = downsample / level_ds  # level pixels per output pixel
+        w, h = int(size[0]), int(size[1])
+        if abs(scale - 1) <= MPP_TOLERANCE:
+            return self.read_region(location, level, (w, h))
+        lw, lh = max(1, round(w * scale)), max(1, round(h * scale))
+        return resize_rgb(self.read_region(location, level, (lw, lh)), (w, h))
+
+    def downsample_for_mpp(self, mpp: float) -> float:
+        """Level-0 pixels per pixel at `mpp`; exactly 1.0 when within tolerance of the base."""
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise SlideError(self.path, f"target mpp must be positive, got {mpp!r}")
+        ds = mpp / self.mpp
+        return 1.0 if abs(ds - 1) <= MPP_TOLERANCE else ds
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB uint8 thumbnail whose longer side is at most `max_size`."""
+        img = self._osr.get_thumbnail((max_size, max_size))
+        return _rgba_to_rgb(np.asarray(img.convert("RGBA")))
+
+    def read_level_downsampled(self, downsample: float) -> np.ndarray:
+        """The whole slide at (about) `downsample` from the best level; for masks and overviews."""
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region((0, 0), level, (lw, lh))
+        scale = self.level_downsamples[level] / downsample
+        out = (max(1, round(lw * scale)), max(1, round(lh * scale)))
+        return img if out == (lw, lh) else resize_rgb(img, out)
+
+    def multiscale(self, min_size: int = 1024) -> list[LazyLevel]:
+        """Lazy array-likes for napari, finest first, down to about `min_size` px."""
+        levels: list[LazyLevel] = [LazyLevel(self, ds) for ds in self.level_downsamples]
+        while max(levels[-1].shape[:2]) > 2 * min_size:
+            levels.append(LazyLevel(self, levels[-1].downsample * 2))
+        return levels
+
+
+class LazyLevel:
+    """A numpy-like view of one resolution that reads only what is sliced.
+
+    ``downsample`` may be finer than any stored level's or coarser than the coarsest (virtual
+    levels): reads then come from the best stored level and are resized.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, slide: Slide, downsample: float) -> None:
+        self.slide = slide
+        self.downsample = float(downsample)
+        w, h = slide.dimensions
+        self.shape = (max(1, math.ceil(h / downsample)), max(1, math.ceil(w / downsample)), 3)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[:, :, :]
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        ys, xs, cs = key[:3]
+        y0, y1, ystep = _bounds(ys, self.shape[0])
+        x0, x1, xstep = _bounds(xs, self.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[::ystep, ::xstep][
+                ..., cs
+            ]
+        region = self._read(x0, y0, x1 - x0, y1 - y0)
+        out = region[::ystep, ::xstep]
+        if isinstance(ys, (int, np.integer)):
+            out = out[0]
+            if isinstance(xs, (int, np.integer)):
+                return out[0][cs]
+            return out[:, cs]
+        if isinstance(xs, (int, np.integer)):
+            return out[:, 0][:, cs]
+        return out[:, :, cs]
+
+    def _read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        s = self.slide
+        ds = self.downsample
+        level = s.best_level_for_downsample(ds)
+        level_ds = s.level_downsamples[level]
+        loc = (round(x * ds), round(y * ds))
+        scale = ds / level_ds
+        if abs(scale - 1) <= 1e-6:
+            return s.read_region(loc, level, (w, h))
+        lw, lh = max(1, round(w * scale)), max(1, round(h * scale))
+        return resize_rgb(s.read_region(loc, level, (lw, lh)), (w, h))
+
+
+def _bounds(key: Any, n: int) -> tuple[int, int, int]:
+    if isinstance(key, (int, np.integer)):
+        i = int(key) + (n if key < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"index {key} out of range for axis of size {n}")
+        return i, i + 1, 1
+    if isinstance(key, slice):
+        start, stop, step = key.indices(n)
+        if step < 1:
+            raise IndexError("LazyLevel supports only positive slice steps")
+        return start, stop, step
+    raise TypeError(f"LazyLevel supports integer and slice indexing, not {type(key).__name__}")
+
+
+def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB uint8 image to (w, h) with antialiasing (Pillow's Lanczos/box filters)."""
+    from PIL import Image
+
+    w, h = size
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    pil = Image.fromarray(img)
+    # reducing_gap first box-reduces by an integer factor, then applies Lanczos: fast and
+    # antialiased for large reductions.
+    out = pil.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(out)
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite premultiplied-or-not RGBA from OpenSlide over white."""
+    if rgba.shape[-1] == 3:
+        return np.ascontiguousarray(rgba)
+    alpha = rgba[..., 3]
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    if alpha.min() == 255:
+        return rgb
+    # OpenSlide returns premultiplied ARGB converted to straight RGBA by Pillow; fully
+    # transparent pixels are (0, 0, 0, 0). Blend over white.
+    a = alpha[..., None].astype(np.float32) / 255.0
+    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _float(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) and f > 0 else None

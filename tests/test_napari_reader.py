@@ -1,0 +1,59 @@
+"""The napari reader and sample data in a real viewer (needs an X server: run under xvfb-run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _paths import CMU, TCGA, need
+
+from tilescope._napari._reader import napari_get_reader
+
+pytestmark = pytest.mark.napari
+
+
+def tissue_fraction(rgb: np.ndarray) -> float:
+    """Share of pixels that look like H&E tissue (pink/purple, not white, not black)."""
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    return float(((r - g > 25) & (b - g > 5) & (r < 250)).mean())
+
+
+def test_reader_opens_slide_as_multiscale_in_micrometres(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open(str(need(CMU)), plugin="tilescope")
+    assert len(layers) == 1
+    layer = layers[0]
+    assert layer.multiscale and layer.rgb
+    assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
+    assert layer.data[0].shape == (2967, 2220, 3)
+    assert layer.metadata["tilescope"]["info"]["vendor"] == "aperio"
+    # the whole slide spans its physical size in world coordinates (µm)
+    extent = layer.extent.world
+    assert extent[1][0] - extent[0][0] == pytest.approx(2967 * 0.499, rel=1e-3)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.std() > 10, "blank screenshot"
+    assert tissue_fraction(shot[..., :3]) > 0.05, "no tissue visible"
+
+
+def test_sample_data_via_env(make_napari_viewer, monkeypatch):
+    monkeypatch.setenv("TILESCOPE_SAMPLE_SLIDE", str(need(CMU)))
+    viewer = make_napari_viewer()
+    viewer.open_sample("tilescope", "cmu_small_region")
+    assert viewer.layers[0].name == "CMU-1-Small-Region.svs"
+    assert viewer.layers[0].multiscale
+
+
+def test_slide_without_mpp_opens_in_pixels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning, match="no pixel size"):
+        layers = viewer.open(str(need(TCGA)), plugin="tilescope")
+    assert tuple(layers[0].scale) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a slide", None])
+def test_reader_returns_none_for_non_slides(tmp_path, content):
+    path = tmp_path / "x.svs"
+    if content is not None:
+        path.write_bytes(content)
+    assert napari_get_reader(str(path)) is None
+    assert napari_get_reader(str(tmp_path / "image.png")) is None
