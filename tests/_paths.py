@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(os.environ.get("TILESCOPE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("TILESCOPE_SHARED_DATA", _DEFAULT))
 CMU = SHARED / "slides" / "CMU-1-Small-Region.svs"
 TCGA = SHARED / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
 PATCHES = SHARED / "patches" / "crc_val_he_7k"

@@ -88,7 +88,7 @@ def test_real_jpeg2000_slide_opens_without_mpp():
         assert s.dimensions == (4443, 3567)
         assert not s.has_mpp and s.mpp_x is None
         with pytest.raises(MissingMppError, match="--slide-mpp"):
-            s.mpp
+            _ = s.mpp
         assert s.thumbnail(256).shape[2] == 3
     with Slide(TCGA, mpp=0.25) as s:
         assert s.read_region_mpp((2000, 1500), (224, 224), mpp=0.5).shape == (224, 224, 3)
@@ -157,7 +157,8 @@ def test_lazy_levels_read_only_what_is_sliced(synth):
     with Slide(path) as s:
         levels = s.multiscale(min_size=256)
         assert levels[0].shape == (2000, 2600, 3)
-        assert [lv.shape[0] for lv in levels] == sorted((lv.shape[0] for lv in levels), reverse=True)
+        heights = [lv.shape[0] for lv in levels]
+        assert heights == sorted(heights, reverse=True)
         crop = levels[1][100:164, 200:264]
         assert crop.shape == (64, 64, 3)
         full = s.read_region((800, 400), 1, (64, 64))

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._version import __version__
 from .errors import TilescopeError
@@ -34,9 +35,55 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"mpp:           {mpp}")
     print(f"magnification: {mag}")
     print(f"levels:        {info.level_count}")
-    for i, ((lw, lh), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples)):
+    levels = zip(info.level_dimensions, info.level_downsamples, strict=True)
+    for i, ((lw, lh), ds) in enumerate(levels):
         print(f"  level {i}: {lw} x {lh} px (downsample {ds:g})")
     return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .embed import embed_slide, store_path_for
+    from .grid import TileGrid
+    from .models import load_encoder
+    from .store import EmbeddingStore
+
+    grid = TileGrid(target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap,
+                    min_tissue=args.min_tissue)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = load_encoder(args.model, device=args.device)
+    if not encoder.trained:
+        print(f"NOTE: {encoder.label}: embeddings are for testing the pipeline only.")
+    batch = args.batch_size or (64 if encoder.device.type == "cuda" else 16)
+    status = 0
+    for slide in args.slides:
+        target = store_path_for(slide, out)
+        if target.exists() and EmbeddingStore.is_complete(target) and not args.overwrite:
+            print(f"{slide}: already embedded in {target}; skipped")
+            continue
+        bar = tqdm(desc=Path(slide).name, unit="patch", total=0, dynamic_ncols=True)
+
+        def report(p, bar=bar):  # type: ignore[no-untyped-def]
+            bar.total = p.total
+            bar.n = p.done
+            bar.set_postfix_str(f"{p.stage}" + (f", {p.failed} failed" if p.failed else ""))
+            bar.refresh()
+
+        try:
+            result = embed_slide(slide, target, encoder=encoder, grid=grid,
+                                 slide_mpp=args.slide_mpp, batch_size=batch,
+                                 num_workers=args.workers, overwrite=args.overwrite,
+                                 progress=report)  # fmt: skip
+        finally:
+            bar.close()
+        msg = f"{slide}: {result.n_tiles} tiles -> {target} ({result.seconds:.1f} s)"
+        if result.failed:
+            msg += f"; {len(result.failed)} tiles failed to read and are recorded in the store"
+            status = EXIT_ERROR
+        print(msg)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +101,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's mpp")
     p.set_defaults(func=_cmd_info)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("embed", help="tile and embed slides into zarr stores (resumable)")
+    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("-o", "--out", required=True, help="folder for the stores (one per slide)")
+    p.add_argument(
+        "--model",
+        default="biomedclip",
+        help="biomedclip (default), tiny-random (untrained, for demos), an open_clip "
+        "model id, hf-hub:ORG/REPO, or a local folder with a snapshot",
+    )
+    p.add_argument("--mpp", type=float, default=0.5, help="target µm/px of tiles (0.5)")
+    p.add_argument("--tile", type=int, default=224, help="tile size in px at --mpp (224)")
+    p.add_argument("--overlap", type=int, default=0, help="overlap between tiles in px (0)")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.25,
+        help="minimum tissue fraction of a kept tile (0.25)",
+    )
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="override the slides' own µm/px (for slides that lack it)",
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per batch")
+    p.add_argument("--workers", type=int, default=2, help="tile reader threads (2)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace stores made with other settings instead of refusing",
+    )
+    p.set_defaults(func=_cmd_embed)
     return parser
-
-
-# Other modules' sub-commands register here (kept in their own files to keep this one thin).
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

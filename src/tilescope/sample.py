@@ -16,7 +16,9 @@ from pathlib import Path
 from .errors import TilescopeError
 
 SAMPLE_NAME = "CMU-1-Small-Region.svs"
-SAMPLE_URL = "https://openslide.cs.cmu.edu/download/openslide-testdata/Aperio/CMU-1-Small-Region.svs"
+SAMPLE_URL = (
+    "https://openslide.cs.cmu.edu/download/openslide-testdata/Aperio/CMU-1-Small-Region.svs"
+)
 SAMPLE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 ENV_VAR = "TILESCOPE_SAMPLE_SLIDE"
 

@@ -103,7 +103,7 @@ class Slide:
         self._handles: list[Any] = []
         self._lock = threading.Lock()
         self._check_file()
-        self._osr  # open now so a bad file fails here, not later
+        _ = self._osr  # open now so a bad file fails here, not later
 
     # -- opening ----------------------------------------------------------------------------
     def _check_file(self) -> None:
@@ -135,11 +135,28 @@ class Slide:
             try:
                 osr = openslide.OpenSlide(str(self.path))
             except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
-                raise UnsupportedFormatError(self.path, f"OpenSlide failed to open it: {exc}")
+                raise UnsupportedFormatError(
+                    self.path, f"OpenSlide failed to open it: {exc}"
+                ) from exc
             self._local.osr = osr
             with self._lock:
                 self._handles.append(osr)
         return osr
+
+    def close_thread_handle(self) -> None:
+        """Close the calling thread's handle, if any; the next read in this thread reopens one.
+
+        Worker threads call this when they finish, so handles do not pile up on a long-lived
+        `Slide`. Reads call it after a failure: OpenSlide leaves a handle in a permanent error
+        state after any decode error.
+        """
+        osr = getattr(self._local, "osr", None)
+        if osr is None:
+            return
+        self._local.osr = None
+        with self._lock:
+            self._handles = [h for h in self._handles if h is not osr]
+        osr.close()
 
     def close(self) -> None:
         """Close every handle opened by any thread."""
@@ -287,6 +304,7 @@ class Slide:
         try:
             rgba = self._osr.read_region((int(location[0]), int(location[1])), level, (w, h))
         except Exception as exc:
+            self.close_thread_handle()  # the handle is now in an error state; reopen next time
             raise RegionReadError(
                 self.path,
                 f"failed to decode region at level-0 ({location[0]}, {location[1]}), "

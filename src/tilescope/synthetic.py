@@ -72,8 +72,10 @@ class SyntheticSlide:
         x_um, y_um = np.broadcast_arrays(x_um, y_um)
         tissue = self.tissue_truth(x_um, y_um)
         # H&E-like: a slow mix of eosin pink and haematoxylin purple, periods >= 40 µm.
-        t = 0.5 + 0.25 * np.sin(x_um / 23.0) * np.cos(y_um / 31.0) + 0.25 * np.sin(
-            (x_um + y_um) / 57.0
+        t = (
+            0.5
+            + 0.25 * np.sin(x_um / 23.0) * np.cos(y_um / 31.0)
+            + 0.25 * np.sin((x_um + y_um) / 57.0)
         )
         pink = np.array([232.0, 150.0, 190.0])
         purple = np.array([110.0, 60.0, 150.0])
@@ -106,9 +108,7 @@ class SyntheticSlide:
                 tile[:, max(0, w - tx) :] = self.background
                 yield tile
 
-    def write(
-        self, path: str | PathLike[str], *, kind: str = "tiff", quality: int = 90
-    ) -> Path:
+    def write(self, path: str | PathLike[str], *, kind: str = "tiff", quality: int = 90) -> Path:
         """Write a tiled, JPEG-compressed pyramid. `kind` is "tiff" (generic) or "svs" (Aperio)."""
         import tifffile
 
@@ -130,8 +130,7 @@ class SyntheticSlide:
                     kwargs.update(description=desc, metadata=None)
                 else:
                     res = 1e4 / (self.mpp * ds)  # pixels per centimetre
-                    kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER",
-                                  metadata=None)
+                    kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
                 tw.write(
                     self._tiles(level),
                     shape=(h, w, 3),
