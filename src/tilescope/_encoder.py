@@ -1,0 +1,267 @@
+"""The `Encoder`: an open_clip model that embeds uint8 tiles and prompts on one device.
+
+Preprocessing runs on the device in batch: uint8 -> float, /255, the model's mean/std, and for
+tiles not at the model's size the resize + centre crop of open_clip's transform. Build one with
+`tilescope.models.load_encoder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+UNTRAINED = "(UNTRAINED — not a result)"
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 (or fp16) autocast on CUDA; None (plain fp32) elsewhere."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class Encoder:
+    """An open_clip model with its tokenizer and preprocessing, encoding on one device.
+
+    Build with `load_encoder`. Embeddings are L2-normalised float32, as
+    ``model.encode_image(..., normalize=True)`` gives them; cosine similarity is a dot product
+    and CLIP logits are ``logit_scale * cosine``.
+
+    Attributes
+    ----------
+    model_id : str
+        Canonical name: ``"hf-hub:org/name"``, ``"local-dir:/abs/path"``, ``"ViT-B-32:tag"``,
+        ``"tiny-random"``.
+    weights_digest : str
+        sha256 of the weights file (of the state dict for models built in code). Compare this,
+        not `model_id`, to know whether two runs used the same weights.
+    trained : bool
+        False for random weights; their output is labelled untrained everywhere.
+    embed_dim, context_length, image_size : int
+        Embedding size, token context, input side in pixels.
+    logit_scale : float
+        ``exp`` of the model's learned temperature.
+    mean, std : tuple of float
+        Per-channel normalisation of images in [0, 1].
+    device : torch.device
+    autocast_dtype : torch.dtype or None
+        Mixed precision used on CUDA (bf16 if supported, else fp16); None = fp32.
+    label : str
+        For display; untrained models say so.
+    model, tokenizer, open_clip_preprocess
+        The open_clip objects (``open_clip_preprocess`` takes a PIL image).
+
+    Notes
+    -----
+    Not thread-safe (a reused pinned host buffer on CUDA): use it from one thread at a time.
+    On Apple MPS and on CPU it computes in float32.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        preprocess: Any,
+        *,
+        model_id: str,
+        weights_digest: str,
+        trained: bool,
+        embed_dim: int,
+        device: torch.device,
+        source: str,
+    ) -> None:
+        import torch
+
+        clip: Any = model.to(device).eval()  # open_clip CLIP / CustomTextCLIP
+        self.model = clip
+        self.tokenizer = tokenizer
+        self.open_clip_preprocess = preprocess
+        self.model_id = model_id
+        self.weights_digest = weights_digest
+        self.trained = trained
+        self.embed_dim = int(embed_dim)
+        self.device = device
+        self.source = source
+        self.autocast_dtype = _autocast_dtype(device)
+        self.label = model_id if trained else f"{model_id} {UNTRAINED}"
+        self.context_length = int(tokenizer.context_length)
+        self.logit_scale = float(clip.logit_scale.detach().float().exp().reshape(-1)[0])
+        pp: dict[str, Any] = clip.visual.preprocess_cfg
+        size = pp["size"]
+        self._hw: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size[-2:])
+        self.image_size = int(self._hw[0])
+        self.mean = tuple(float(m) for m in pp["mean"])
+        self.std = tuple(float(s) for s in pp["std"])
+        self._resize_mode = pp.get("resize_mode", "shortest")
+        self._interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
+        self._fill = float(pp.get("fill_color", 0))
+        self._mean_t = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        self._std_t = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        self._pinned: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.label!r}, embed_dim={self.embed_dim}, device={self.device})"
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced the embeddings, JSON-serialisable (for store signatures)."""
+        import open_clip
+        import torch
+
+        return {
+            "model_id": self.model_id,
+            "weights_digest": self.weights_digest,
+            "trained": self.trained,
+            "label": self.label,
+            "source": self.source,
+            "embed_dim": self.embed_dim,
+            "context_length": self.context_length,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize_mode": self._resize_mode,
+            "interpolation": self._interpolation,
+            "logit_scale": self.logit_scale,
+            "compute_dtype": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
+            "open_clip_version": open_clip.__version__,
+            "torch_version": torch.__version__,
+        }
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on the device; through a reused pinned buffer on CUDA."""
+        import torch
+
+        x = (
+            torch.from_numpy(np.ascontiguousarray(batch))
+            if isinstance(batch, np.ndarray)
+            else batch
+        )
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ModelError(
+                f"{self.model_id}: tiles must be uint8 RGB of shape (N, H, W, 3), got "
+                f"{x.dtype} {tuple(x.shape)}."
+            )
+        if self.device.type != "cuda" or x.device.type == "cuda":
+            return x.to(self.device)
+        if self._pinned is None or self._pinned.shape != x.shape:
+            self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+        self._pinned.copy_(x)  # the previous copy finished: its results were read back
+        return self._pinned.to(self.device, non_blocking=True)
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize and centre-crop (or pad) float (N, 3, H, W) in [0, 255] as open_clip would."""
+        import torch.nn.functional as F
+
+        (th, tw), (h, w) = self._hw, tuple(x.shape[-2:])
+        if self._resize_mode == "squash":
+            size = (th, tw)
+        elif self._resize_mode == "longest":
+            scale = min(th / h, tw / w)
+            size = (round(h * scale), round(w * scale))
+        elif th == tw:  # torchvision Resize(int): shortest side to th, longest truncated
+            short, long = min(h, w), max(h, w)
+            new_long = int(th * long / short)
+            size = (th, new_long) if h <= w else (new_long, th)
+        else:
+            scale = max(th / h, tw / w)
+            size = (round(h * scale), round(w * scale))
+        if size != (h, w):
+            on = x.device
+            y = x.cpu() if on.type == "mps" else x  # no antialiased bicubic kernel on MPS
+            y = F.interpolate(y, size=size, mode=self._interpolation, antialias=True)
+            x = y.to(on).clamp_(0, 255).round_()  # as PIL resizes uint8
+        h, w = size
+        if (h, w) == (th, tw):
+            return x
+        if h < th or w < tw:  # pad ("longest"), centred
+            top, left = (th - h) // 2, (tw - w) // 2
+            pad = (left, tw - w - left, top, th - h - top)
+            return F.pad(x, pad, value=self._fill)
+        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+        return x[..., top : top + th, left : left + tw]
+
+    def encode_images(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embed a batch of RGB tiles.
+
+        Parameters
+        ----------
+        batch
+            uint8 array or tensor (N, H, W, 3). Tiles at the model's size go straight to
+            normalisation; others are resized (shortest side, bicubic, antialiased) and
+            centre-cropped on the device, as open_clip's transform does.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 (N, embed_dim), rows of unit L2 norm.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if len(batch) == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        with torch.inference_mode():
+            x = self._to_device(batch).permute(0, 3, 1, 2).float()
+            if tuple(x.shape[-2:]) != self._hw:
+                x = self._resize(x)
+            x = (x / 255.0 - self._mean_t) / self._std_t
+            with self._autocast():
+                features = self.model.encode_image(x)
+            return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids (P, context_length); warns for each prompt that had to be truncated."""
+        return self._tokenize(prompts, stacklevel=3)
+
+    def _tokenize(self, prompts: Sequence[str], stacklevel: int) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for prompt in prompts:
+            n = self._token_count(prompt)
+            if n is not None and n > self.context_length:
+                warnings.warn(
+                    f"Prompt {prompt[:80]!r}{'...' if len(prompt) > 80 else ''} has {n} tokens; "
+                    f"{self.model_id} reads only the first {self.context_length}.",
+                    UserWarning,
+                    stacklevel=stacklevel,
+                )
+        return self.tokenizer(prompts)
+
+    def _token_count(self, prompt: str) -> int | None:
+        from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+        tok = self.tokenizer
+        if isinstance(tok, HFTokenizer):
+            return len(tok.tokenizer(tok.clean_fn(prompt), add_special_tokens=True)["input_ids"])
+        if isinstance(tok, SimpleTokenizer):
+            return len(tok.encode(prompt)) + 2  # start and end of text
+        return None
+
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        """Embed prompts: float32 (P, embed_dim), unit L2 norm; truncation warns (`tokenize`)."""
+        import torch
+        import torch.nn.functional as F
+
+        tokens = self._tokenize(prompts, stacklevel=3)
+        if len(tokens) == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_text(tokens.to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
