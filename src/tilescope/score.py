@@ -1,0 +1,449 @@
+"""Prompt sets, patch scores, heatmap rasters and slide-level pooling (numpy only).
+
+The zero-shot recipe is open_clip's ``build_zero_shot_classifier``: every template x prompt of
+a class is encoded, the L2-normalised text embeddings are averaged per class and re-normalised,
+giving a (C, D) text matrix. Patch scores are then matrix products with the stored L2-normalised
+image embeddings: cosine (N, C), logits = logit_scale * cosine, probs = softmax over classes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import GridError, PromptError, SearchError
+
+__all__ = [
+    "Heatmap",
+    "PatchScores",
+    "PoolResult",
+    "PromptSet",
+    "PromptWarning",
+    "TileGeometry",
+    "heatmap",
+    "load_scores",
+    "pool",
+    "save_scores",
+    "score_patches",
+    "text_matrix",
+]
+
+#: Largest heatmap raster (cells) before `heatmap` refuses; about 200 MB of float64 work arrays.
+MAX_CELLS = 25_000_000
+_SPLIT = re.compile(r"[;|]")
+
+
+class PromptWarning(UserWarning):
+    """A prompt set was accepted with a change (dropped empty prompt, merged class, ...)."""
+
+
+@dataclass
+class PromptSet:
+    """Classes, each with one or more prompts, and the templates every prompt is put in.
+
+    Parameters
+    ----------
+    classes
+        Class name -> prompts. Prompts are stripped; empty ones are dropped with a
+        `PromptWarning`; repeated prompts are kept once. A class left without prompts, or no
+        class at all, raises `PromptError`. A single class is allowed with a warning: its
+        softmax probability is always 1, only its cosine and logits carry information.
+    templates
+        Format strings with one ``{}`` where the prompt goes, e.g. ``"an H&E image of {}"``.
+    """
+
+    classes: dict[str, list[str]]
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+
+    def __post_init__(self) -> None:
+        cleaned: dict[str, list[str]] = {}
+        for name, prompts in self.classes.items():
+            name = " ".join(str(name).split())
+            if not name:
+                raise PromptError("a class has an empty name; give every class a name")
+            kept = [" ".join(p.split()) for p in prompts]
+            if not all(kept):
+                warnings.warn(f"class {name!r}: empty prompt dropped", PromptWarning, stacklevel=3)
+            kept = list(dict.fromkeys(p for p in kept if p))
+            if not kept:
+                raise PromptError(f"class {name!r} has no prompts; write e.g. '{name}: {name}'")
+            if name in cleaned:
+                warnings.warn(f"class {name!r} given twice; prompts merged", PromptWarning, 3)
+            cleaned.setdefault(name, [])
+            cleaned[name] += [p for p in kept if p not in cleaned[name]]
+        if not cleaned:
+            raise PromptError("no classes given; write e.g. 'tumor: invasive carcinoma'")
+        if len(cleaned) == 1:
+            warnings.warn(
+                f"only one class ({next(iter(cleaned))!r}): softmax over one class is always 1; "
+                "use its cosine or logits, or add a contrasting class such as 'normal tissue'",
+                PromptWarning,
+                stacklevel=3,
+            )
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise PromptError(f"templates {self.templates!r}: each needs exactly one '{{}}'")
+        self.classes = cleaned
+        self.templates = list(self.templates)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def texts(self) -> list[str]:
+        """Every class's prompts in every template, class by class, prompt-major."""
+        return [
+            t.replace("{}", p) for ps in self.classes.values() for p in ps for t in self.templates
+        ]
+
+    @classmethod
+    def parse(cls, text: str | Sequence[str], templates: Sequence[str] = ("{}",)) -> PromptSet:
+        """Parse prompts typed in a text box, a file or on the command line.
+
+        One class per line (a sequence of strings counts as lines). Blank lines and lines
+        starting with ``#`` are skipped. A line with a name before the first ``:`` or ``=``
+        defines one class whose prompts are separated by ``;`` or ``|``; a line without one
+        defines one class per ``;``/``|``-separated item, named by its prompt::
+
+            tumor: invasive carcinoma; malignant epithelium
+            normal=benign tissue|normal stroma
+            necrosis; lymphocytes
+
+        gives classes tumor (2 prompts), normal (2), necrosis and lymphocytes (1 each). Class
+        names cannot contain ``:`` or ``=``. A class named twice is merged (prompts
+        concatenated) with a `PromptWarning`. `templates` go to the `PromptSet`.
+        """
+        chunks = [text] if isinstance(text, str) else list(text)
+        lines = [line for chunk in chunks for line in chunk.splitlines()]
+        classes: dict[str, list[str]] = {}
+        for lineno, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            m = re.search(r"[:=]", line)
+            if m:
+                name = " ".join(line[: m.start()].split())
+                if not name:
+                    raise PromptError(f"line {lineno} {raw!r}: no class name before {m[0]!r}")
+                items = {name: _SPLIT.split(line[m.end() :])}
+            else:
+                parts = [" ".join(p.split()) for p in _SPLIT.split(line)]
+                if not all(parts):
+                    warnings.warn(f"line {lineno}: empty prompt dropped", PromptWarning, 2)
+                items = {p: [p] for p in parts if p}
+            for name, prompts in items.items():
+                if name in classes:
+                    warnings.warn(f"class {name!r} given twice; prompts merged", PromptWarning, 2)
+                classes.setdefault(name, []).extend(prompts)
+        return cls(classes, list(templates))
+
+
+def text_matrix(prompts: PromptSet, encode_text: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """(C, D) float32 class embeddings: encode all texts in one call, average, re-normalise."""
+    texts = prompts.texts()
+    emb = np.asarray(encode_text(texts), dtype=np.float64)
+    if emb.ndim != 2 or len(emb) != len(texts) or not np.all(np.isfinite(emb)):
+        raise PromptError(
+            f"the text encoder returned {emb.shape} for {len(texts)} prompts; expected (P, D)"
+        )
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    counts = [len(ps) * len(prompts.templates) for ps in prompts.classes.values()]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    mean = np.add.reduceat(emb, starts, axis=0) / np.asarray(counts)[:, None]
+    return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)).astype(
+        np.float32
+    )
+
+
+@dataclass
+class PatchScores:
+    """Per-patch scores for C classes: cosine, logits (= logit_scale * cosine), probs."""
+
+    classes: list[str]
+    cosine: np.ndarray
+    logits: np.ndarray
+    probs: np.ndarray
+    logit_scale: float
+
+
+def score_patches(
+    embeddings: np.ndarray, text: np.ndarray, logit_scale: float, classes: Sequence[str] = ()
+) -> PatchScores:
+    """Score N patch embeddings (N, D) against C class embeddings (C, D).
+
+    ``probs`` is the softmax over classes of ``logit_scale * cosine`` (float32, rows sum to 1).
+    `classes` names the rows of `text` (default "class0", "class1", ...).
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    txt = np.asarray(text, dtype=np.float32)
+    if emb.ndim != 2 or txt.ndim != 2 or emb.shape[1] != txt.shape[1]:
+        raise PromptError(
+            f"embeddings {emb.shape} and text matrix {txt.shape} differ in width: encode the "
+            "prompts with the model that made the store"
+        )
+    names = list(classes) or [f"class{i}" for i in range(len(txt))]
+    if len(names) != len(txt):
+        raise PromptError(f"{len(names)} class names for {len(txt)} text rows")
+    cosine = emb @ txt.T
+    logits = np.float32(logit_scale) * cosine
+    return PatchScores(names, cosine, logits, _softmax(logits, axis=1), float(logit_scale))
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    z = x - np.max(x, axis=axis, keepdims=True) if x.size else x
+    e = np.exp(z)
+    return (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32)
+
+
+# -- heatmaps -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where tiles are: grid (row, col) per tile, grid shape and tile/stride sizes.
+
+    ``tile_px``/``stride_px`` are in target pixels, ``downsample`` is level-0 px per target px,
+    ``origin_l0`` is the level-0 (x, y) of grid cell (0, 0).
+    """
+
+    grid_rc: np.ndarray
+    grid_shape: tuple[int, int]
+    tile_px: int
+    stride_px: int
+    downsample: float
+    origin_l0: tuple[float, float]
+
+    @classmethod
+    def from_store(cls, store: Any) -> TileGeometry:
+        """From an `EmbeddingStore` (its grid_rc and signature's grid and layout)."""
+        sig = store.signature
+        grid, lay = sig["grid"], sig["layout"]
+        return cls.from_layout(
+            lay,
+            grid_rc=store.grid_rc,
+            tile_px=grid["tile_px"],
+            overlap_px=grid.get("overlap_px", 0),
+        )
+
+    @classmethod
+    def from_layout(
+        cls, layout: Any, *, tile_px: int, overlap_px: int = 0, grid_rc: Any = None
+    ) -> TileGeometry:
+        """From a tile layout (object or mapping) and the grid's tile_px and overlap_px."""
+        get = layout.get if isinstance(layout, Mapping) else lambda k: getattr(layout, k)
+        rc = get("grid_rc") if grid_rc is None else grid_rc
+        ox, oy = get("origin")
+        rows, cols = get("grid_shape")
+        return cls(
+            np.asarray(rc, np.int64).reshape(-1, 2),
+            (int(rows), int(cols)),
+            int(tile_px),
+            int(tile_px) - int(overlap_px),
+            float(get("downsample")),
+            (float(ox), float(oy)),
+        )
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A raster of per-tile values; cell (i, j) covers level-0 pixels
+    ``[origin_x + j * cell_l0, +cell_l0) x [origin_y + i * cell_l0, +cell_l0)``; NaN = no tile.
+    """
+
+    raster: np.ndarray
+    cell_l0: float
+    origin_l0: tuple[float, float]
+
+    def world_scale_translate(
+        self, level0_mpp: float
+    ) -> tuple[tuple[float, float], tuple[float, float]]:
+        """napari ``scale`` and ``translate`` (row, col order, micrometres) for the raster.
+
+        napari places pixel centres at ``translate + i * scale``; a slide layer with
+        ``scale = mpp`` has level-0 pixel x centred at ``x * mpp``. A cell covering level-0
+        pixels ``[a, a + C)`` is centred at ``a + C/2 - 0.5`` level-0 px, so
+        ``scale = C * mpp`` and ``translate = (origin + C/2 - 0.5) * mpp`` per axis (y first).
+        """
+        c, (ox, oy) = self.cell_l0, self.origin_l0
+        shift = c / 2 - 0.5
+        return (c * level0_mpp, c * level0_mpp), (
+            (oy + shift) * level0_mpp,
+            (ox + shift) * level0_mpp,
+        )
+
+
+def heatmap(values: np.ndarray, geometry: TileGeometry, *, smooth_sigma: float = 0.0) -> Heatmap:
+    """Rasterise one value per tile so that tile i's cells cover exactly tile i's area.
+
+    A raster cell is ``g = gcd(tile_px, stride_px)`` target pixels (``g * downsample`` level-0
+    px); tile (r, c) covers cells ``[r*s, r*s + a) x [c*s, c*s + a)`` with ``a = tile_px / g``,
+    ``s = stride_px / g``. Where tiles overlap their values are averaged; cells no tile covers
+    (and non-finite values) are NaN. ``smooth_sigma`` (in tile strides) applies a Gaussian
+    that ignores NaN (normalised convolution) and keeps uncovered cells NaN.
+    """
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    rc = np.asarray(geometry.grid_rc, dtype=np.int64).reshape(-1, 2)
+    rows, cols = geometry.grid_shape
+    if len(vals) != len(rc):
+        raise GridError(f"{len(vals)} values for {len(rc)} tiles")
+    if len(rc) and (rc.min() < 0 or rc[:, 0].max() >= rows or rc[:, 1].max() >= cols):
+        raise GridError(f"grid_rc lies outside the grid shape {geometry.grid_shape}")
+    g = math.gcd(geometry.tile_px, geometry.stride_px)
+    a, s = geometry.tile_px // g, geometry.stride_px // g
+    h, w = ((rows - 1) * s + a, (cols - 1) * s + a) if rows and cols else (0, 0)
+    if h * w > MAX_CELLS:
+        raise GridError(
+            f"heatmap would need {h}x{w} cells because tile {geometry.tile_px} px and stride "
+            f"{geometry.stride_px} px share only a factor {g}; pick an overlap that keeps a "
+            "large common factor (e.g. 0, 32, 56 or 112 px for 224 px tiles)"
+        )
+    ok = np.isfinite(vals)
+    total, count = np.zeros((h, w)), np.zeros((h, w))
+    np.add.at(total, (rc[ok, 0] * s, rc[ok, 1] * s), vals[ok])
+    np.add.at(count, (rc[ok, 0] * s, rc[ok, 1] * s), 1.0)
+    total, count = _box(_box(total, a, 0), a, 1), _box(_box(count, a, 0), a, 1)
+    covered = count > 0.5
+    raster = np.full((h, w), np.nan)
+    raster[covered] = total[covered] / count[covered]
+    if smooth_sigma > 0 and covered.any():
+        from scipy.ndimage import gaussian_filter
+
+        sigma = smooth_sigma * s
+        num = gaussian_filter(np.where(covered, raster, 0.0), sigma, mode="constant")
+        den = gaussian_filter(covered.astype(np.float64), sigma, mode="constant")
+        raster[covered] = num[covered] / den[covered]
+    return Heatmap(raster.astype(np.float32), g * geometry.downsample, geometry.origin_l0)
+
+
+def _box(x: np.ndarray, a: int, axis: int) -> np.ndarray:
+    """out[i] = sum(x[i - a + 1 .. i]) along `axis` (a causal box sum of width a)."""
+    if a == 1 or x.size == 0:
+        return x
+    c = np.cumsum(x, axis=axis)
+    out = c.copy()
+    idx = [slice(None)] * 2
+    idx[axis] = slice(a, None)
+    src = [slice(None)] * 2
+    src[axis] = slice(None, -a)
+    out[tuple(idx)] -= c[tuple(src)]
+    return out
+
+
+# -- pooling ------------------------------------------------------------------------------------
+@dataclass
+class PoolResult:
+    """Slide-level call: ``label`` is the class with the highest score."""
+
+    label: str
+    scores: dict[str, float]
+    method: str
+    attention: np.ndarray | None = None
+
+
+def pool(
+    scores: PatchScores,
+    method: Literal["mean", "topk", "attention"] = "mean",
+    *,
+    k: int = 50,
+    temperature: float = 1.0,
+    weights: np.ndarray | None = None,
+) -> PoolResult:
+    """Pool patch scores into one slide-level score per class.
+
+    - ``mean``: ``score_c = sum_i w_i p_ic / sum_i w_i`` (w = 1 without `weights`); sums to 1.
+    - ``topk`` (MI-Zero / CONCH): per class the mean of the ``min(k, N)`` largest patch logits,
+      then softmax over classes; sums to 1. Patches with weight 0 are left out.
+    - ``attention``: per class ``a_ic = w_i exp(l_ic / T) / sum_j w_j exp(l_jc / T)`` (softmax
+      over patches of the class's logits l, temperature T) and ``score_c = sum_i a_ic p_ic``, an
+      attention-weighted mean probability; scores need not sum to 1. ``attention`` (N, C) holds
+      ``a`` for display. Small T approaches max-pooling, large T the mean.
+
+    ``weights`` are optional non-negative per-patch weights (e.g. tissue fraction).
+
+    Raises
+    ------
+    SearchError
+        No patches (or all weights zero): nothing to pool.
+    """
+    n = len(scores.probs)
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    if len(w) != n or np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise PromptError(f"weights must be {n} finite non-negative numbers")
+    keep = w > 0
+    if not keep.any():
+        raise SearchError(
+            "no tissue tiles to pool (the slide has no embedded tiles, or all weights are 0); "
+            "check the tissue mask or lower min_tissue"
+        )
+    probs = scores.probs.astype(np.float64)
+    logits = scores.logits.astype(np.float64)
+    attention = None
+    if method == "mean":
+        out = (w[:, None] * probs).sum(0) / w.sum()
+    elif method == "topk":
+        kk = max(1, min(int(k), int(keep.sum())))
+        top = -np.partition(-logits[keep], kk - 1, axis=0)[:kk]
+        out = _softmax(top.mean(0)[None, :], axis=1)[0].astype(np.float64)
+    elif method == "attention":
+        if not temperature > 0:
+            raise PromptError(f"temperature must be positive, got {temperature}")
+        with np.errstate(divide="ignore"):
+            z = logits / temperature + np.log(w)[:, None]
+        attention = _softmax(z, axis=0)
+        out = (attention.astype(np.float64) * probs).sum(0)
+    else:
+        raise PromptError(f"unknown pooling method {method!r}; use mean, topk or attention")
+    result = {c: float(v) for c, v in zip(scores.classes, out, strict=True)}
+    return PoolResult(scores.classes[int(np.argmax(out))], result, method, attention)
+
+
+# -- persistence --------------------------------------------------------------------------------
+def save_scores(
+    store: Any, name: str, scores: PatchScores, prompts: PromptSet, meta: dict | None = None
+) -> None:
+    """Write `scores` to ``scores/<name>`` of an `EmbeddingStore` with the prompts as meta."""
+    full = {
+        "classes": scores.classes,
+        "prompts": prompts.classes,
+        "templates": prompts.templates,
+        "logit_scale": scores.logit_scale,
+        "model_id": store.model_id,
+        **(meta or {}),
+    }
+    arrays = {"cosine": scores.cosine, "logits": scores.logits, "probs": scores.probs}
+    store.write_scores(name, arrays, full)
+
+
+def load_scores(store: Any, name: str) -> tuple[PatchScores, dict[str, Any]]:
+    """Read back what `save_scores` wrote: the scores and their meta."""
+    arrays, meta = store.read_scores(name)
+    scores = PatchScores(
+        list(meta["classes"]),
+        arrays["cosine"],
+        arrays["logits"],
+        arrays["probs"],
+        float(meta["logit_scale"]),
+    )
+    return scores, meta
+
+
+def score_store(
+    store: Any,
+    prompts: PromptSet,
+    encode_text: Callable[[list[str]], np.ndarray],
+    logit_scale: float,
+    *,
+    method: Literal["mean", "topk", "attention"] = "attention",
+    k: int = 50,
+    temperature: float = 1.0,
+) -> tuple[PatchScores, PoolResult]:
+    """Score every tile of a complete store against a prompt set and pool to a slide label.
+
+    Only the text tower runs (`encode_text`); the image embeddings come from the store.
+    """
+    text = text_matrix(prompts, encode_text)
+    scores = score_patches(store.embeddings, text, logit_scale, prompts.class_names)
+    return scores, pool(scores, method, k=k, temperature=temperature)

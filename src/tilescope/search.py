@@ -1,0 +1,249 @@
+"""Region search: tiles under drawn shapes, a query vector, exact cosine similarity, top matches.
+
+All coordinates are level-0 pixels (x, y). Converting napari shapes (world micrometres, row/col
+order) to level-0 pixels is the caller's job: ``xy = shape[:, ::-1] / level0_mpp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SearchError
+from .store import MODEL_IDENTITY_KEYS, EmbeddingStore
+
+__all__ = [
+    "Match",
+    "build_query",
+    "search_stores",
+    "similarity",
+    "tiles_in_shapes",
+    "top_k",
+]
+
+
+def tiles_in_shapes(
+    coords: np.ndarray, tile_l0: float, shapes_l0: Iterable[np.ndarray]
+) -> np.ndarray:
+    """Indices (ascending) of tiles whose centre lies inside any of the shapes.
+
+    Parameters
+    ----------
+    coords
+        (N, 2) level-0 (x, y) of tile top-left corners.
+    tile_l0
+        Tile side in level-0 pixels; the centre is ``coords + tile_l0 / 2``.
+    shapes_l0
+        Polygons as (K, 2) level-0 (x, y) vertices, K >= 3, in order (either winding; the
+        closing vertex may be repeated); a (2, 2) array is the axis-aligned rectangle with those
+        two opposite corners.
+
+    Notes
+    -----
+    Inside follows the even-odd (crossing number) rule with half-open edges: a rectangle
+    ``[x0, x1] x [y0, y1]`` contains centres with ``x0 <= x < x1`` and ``y0 <= y < y1``, so
+    shapes that share an edge never both claim a tile.
+    """
+    centres = np.asarray(coords, dtype=np.float64).reshape(-1, 2) + float(tile_l0) / 2
+    hit = np.zeros(len(centres), dtype=bool)
+    for shape in shapes_l0:
+        poly = np.asarray(shape, dtype=np.float64)
+        if poly.shape == (2, 2):
+            (x0, y0), (x1, y1) = poly.min(0), poly.max(0)
+            poly = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+        if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3:
+            raise SearchError(f"a shape must be (K>=3, 2) x, y vertices, got {poly.shape}")
+        lo, hi = poly.min(0), poly.max(0)
+        cand = np.flatnonzero(np.all((centres >= lo) & (centres <= hi), axis=1) & ~hit)
+        hit[cand] = _points_in_polygon(centres[cand], poly)
+    return np.flatnonzero(hit)
+
+
+def _points_in_polygon(pts: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Even-odd rule; an edge counts when ``min(yi, yj) <= y < max(yi, yj)``."""
+    x, y = pts[:, 0], pts[:, 1]
+    inside = np.zeros(len(pts), dtype=bool)
+    xj, yj = poly[-1]
+    for xi, yi in poly:
+        if yi != yj:
+            crosses = (yi > y) != (yj > y)
+            x_at = xi + (y - yi) * (xj - xi) / (yj - yi)
+            inside ^= crosses & (x < x_at)
+        xj, yj = xi, yi
+    return inside
+
+
+def build_query(
+    embeddings: np.ndarray,
+    positive_idx: Sequence[int] | np.ndarray,
+    negative_idx: Sequence[int] | np.ndarray | None = None,
+    neg_weight: float = 1.0,
+) -> np.ndarray:
+    """A unit query vector (D,) from example tiles, Rocchio style.
+
+    ``q = mean(E[pos]) - neg_weight * mean(E[neg])``, then L2-normalised. Tiles in both sets
+    count as positive only. Negatives push the query away from what they look like.
+
+    Raises
+    ------
+    SearchError
+        No positive tiles, or positives and negatives cancel out.
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    pos = np.unique(np.asarray(positive_idx, dtype=np.int64))
+    if len(pos) == 0:
+        raise SearchError(
+            "the drawn region covers no embedded tissue tiles; draw over tissue (a tile counts "
+            "when its centre is inside the shape)"
+        )
+    q = emb[pos].astype(np.float64).mean(0)
+    if negative_idx is not None:
+        neg = np.setdiff1d(np.asarray(negative_idx, dtype=np.int64), pos)
+        if len(neg) and neg_weight:
+            q -= float(neg_weight) * emb[neg].astype(np.float64).mean(0)
+    norm = np.linalg.norm(q)
+    if not norm > 1e-6:
+        raise SearchError(
+            "positive and negative regions cancel out; draw them over different tissue or "
+            "lower the negative weight"
+        )
+    return (q / norm).astype(np.float32)
+
+
+def similarity(embeddings: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """(N,) float32 cosine similarity of L2-normalised embeddings (N, D) to a unit query (D,)."""
+    emb = np.asarray(embeddings)
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    if emb.ndim != 2 or emb.shape[1] != len(q):
+        raise SearchError(
+            f"query of width {len(q)} does not fit embeddings {emb.shape}: make the query from "
+            "stores of the same model"
+        )
+    if emb.dtype != np.float32:
+        emb = emb.astype(np.float32)
+    return emb @ q
+
+
+def top_k(sim: np.ndarray, k: int, exclude: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Indices of the `k` highest similarities, best first; ties go to the lower index.
+
+    ``exclude`` holds indices (or an (N,) bool mask) never returned; NaN never ranks.
+    """
+    s = np.asarray(sim).reshape(-1)
+    if s.dtype not in (np.float32, np.float64):
+        s = s.astype(np.float64)
+    ok = np.isfinite(s)
+    if exclude is not None:
+        ex = np.asarray(exclude)
+        if ex.dtype == bool:
+            ok &= ~ex.reshape(-1)
+        elif ex.size:
+            ok[ex.astype(np.int64)] = False
+    k = min(int(k), int(np.count_nonzero(ok)))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    neg = -s  # ascending order of neg = descending similarity
+    if not ok.all():
+        neg[~ok] = np.inf
+    kth = neg[np.argpartition(neg, k - 1)[k - 1]]
+    idx = np.flatnonzero(neg <= kth)  # every tie with the k-th value, so the index rule decides
+    order = np.lexsort((idx, neg[idx]))[:k]
+    return idx[order].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One matching tile: its store, slide, row, level-0 top-left (x, y) and similarity."""
+
+    store: str
+    slide_name: str
+    index: int
+    x: int
+    y: int
+    similarity: float
+    tile_l0: float
+
+
+def _model_key(prov: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: prov.get(k) for k in MODEL_IDENTITY_KEYS if prov.get(k) is not None}
+
+
+def search_stores(
+    query: np.ndarray,
+    stores: str | PathLike[str] | Sequence[str | PathLike[str]],
+    *,
+    model: Mapping[str, Any],
+    k: int = 20,
+    exclude: Mapping[str | PathLike[str], Sequence[int] | np.ndarray] | None = None,
+) -> list[Match]:
+    """The `k` best-matching tiles over several stores, best first.
+
+    Parameters
+    ----------
+    query
+        Unit query vector (D,), e.g. from `build_query`.
+    stores
+        Store paths, or one folder whose ``*.zarr`` stores are all searched.
+    model
+        Provenance of the model the query came from (``Encoder.provenance()`` or a store's
+        ``signature["model"]``); its weights_digest, trained and embed_dim (those it has) must
+        equal every store's (model_id may differ: the same weights from the hub or a folder).
+    k
+        Number of matches.
+    exclude
+        Store path -> row indices to leave out (e.g. the query tiles themselves).
+
+    Every store is checked before any is searched: if one was made with a different model the
+    whole search is refused with a `SearchError` naming each such store, since similarities
+    across models are meaningless. Rows of incomplete stores that are not done are skipped.
+    Ties rank by store order, then row index. An unreadable store raises its `StoreError`.
+    """
+    paths = _store_paths(stores)
+    want = _model_key(model)
+    if "weights_digest" not in want:
+        raise SearchError("model provenance without weights_digest; pass Encoder.provenance()")
+    opened = [EmbeddingStore.open(p) for p in paths]
+    bad = []
+    for st in opened:
+        have = {k2: st.signature["model"].get(k2) for k2 in want}
+        if have != want or st.embed_dim != len(np.reshape(query, -1)):
+            bad.append(f"  {st.path}: model {have} (D={st.embed_dim})")
+    if bad:
+        raise SearchError(
+            f"these stores were made with a different model than the query ({want}):\n"
+            + "\n".join(bad)
+            + "\nre-embed those slides with the query's model, or leave them out of the search"
+        )
+    found: list[tuple[float, int, int, Match]] = []
+    excl = {Path(p).resolve(): v for p, v in (exclude or {}).items()}
+    for order, st in enumerate(opened):
+        sim = similarity(st.read_embeddings(), query)  # one store in memory at a time
+        skip = ~st.done
+        if st.path.resolve() in excl:
+            skip[np.asarray(excl[st.path.resolve()], dtype=np.int64)] = True
+        for i in top_k(sim, k, exclude=skip):
+            x, y = (int(v) for v in st.coords[i])
+            m = Match(str(st.path), st.slide_name, int(i), x, y, float(sim[i]), st.tile_l0)
+            found.append((-m.similarity, order, int(i), m))
+    found.sort(key=lambda t: t[:3])
+    return [t[3] for t in found[:k]]
+
+
+def _store_paths(stores: str | PathLike[str] | Sequence[str | PathLike[str]]) -> list[Path]:
+    if isinstance(stores, (str, PathLike)):
+        p = Path(stores)
+        if p.is_dir() and p.suffix != ".zarr" and not (p / "zarr.json").exists():
+            found = sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir())
+            if not found:
+                raise SearchError(f"{p}: no *.zarr embedding stores in this folder")
+            return found
+        return [p]
+    paths = [Path(s) for s in stores]
+    if not paths:
+        raise SearchError("no stores to search; pass store paths or a folder of .zarr stores")
+    return paths

@@ -1,0 +1,563 @@
+"""The embedding store: one zarr v3 group per slide, resumable, with a provenance signature.
+
+Layout (zarr v3, a directory ``NAME.zarr``; any zarr v3 reader can read it)::
+
+    NAME.zarr/                   group; attributes "tilescope" = the signature (below) and,
+                                 if any tile failed, "tilescope_failures" = [{index, message}]
+      coords      (N, 2) int64   level-0 pixel (x, y) of each tile's top-left corner
+      grid_rc     (N, 2) int32   (row, col) of each tile in the tile grid
+      tissue      (N,)   float32 tissue fraction of each tile, 0..1
+      embeddings  (N, D) float32 L2-normalised image embeddings (after the model's projection),
+                                 uncompressed chunks of chunk_rows (4096) x D; a row whose
+                                 done flag is 0 is not valid (fill value 0)
+      done        (N,)   uint8   1 once the embeddings row is written, else 0
+      scores/<name>/             one group per saved scoring: attribute "tilescope_scores" =
+                                 meta (classes, prompts, templates, logit_scale, model_id);
+                                 arrays cosine, logits, probs (N, C) float32
+
+Rows are tiles in grid order. ``coords = origin + round(grid_rc[:, ::-1] * stride_l0)``; tile
+i covers level-0 pixels ``[x, x + tile_l0) x [y, y + tile_l0)``.
+
+Signature ``attrs["tilescope"]`` (JSON): ``format`` = "tilescope-embeddings",
+``format_version`` = 1, ``tilescope_version``, ``model`` (encoder provenance: model_id,
+weights_digest, trained, embed_dim, logit_scale, ...), ``grid`` (target_mpp, tile_px,
+overlap_px, stride_px, min_tissue, ...), ``layout`` (downsample = level-0 px per target px,
+tile_l0, stride_l0, origin [x0, y0], grid_shape [rows, cols]), ``slide`` (name, size_bytes,
+dimensions, mpp, header_sha256, ...), ``level0_mpp`` (a number or [x, y]), ``embed_dim``,
+``n_tiles``, ``chunk_rows``, ``created`` (ISO 8601, UTC), ``complete`` (true once every row is
+done; then also ``completed``).
+
+Crash safety: a new store is built under a temporary name and renamed into place. Rows are
+staged in memory and written chunk by chunk (and at least every ``FLUSH_SECONDS``); a chunk's
+done flags are written only after its data. zarr's LocalStore writes each file to a temporary
+name and renames it over the target, so a killed writer leaves every file old or new, never
+torn: a row marked done always holds its final embedding, and rows not marked done are
+recomputed on resume. There is no fsync (this guards against a killed process, not against
+power loss), and one writer per store at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from ._version import __version__
+from .errors import StoreCorruptError, StoreError, StoreMismatchError
+
+FORMAT_NAME = "tilescope-embeddings"
+FORMAT_VERSION = 1
+CHUNK_ROWS = 4096
+#: Staged rows are written at least this often (seconds), bounding what a killed writer loses.
+FLUSH_SECONDS = 5.0
+ARRAYS = ("coords", "grid_rc", "tissue", "embeddings", "done")
+#: Model provenance keys that must match to resume a store or search across stores.
+# Not model_id: the same weights loaded from the hub or from a local folder are the same model.
+MODEL_IDENTITY_KEYS = ("weights_digest", "trained", "embed_dim")
+_SIGNATURE_PARTS = ("model", "grid", "layout", "slide", "level0_mpp")
+_IGNORED_KEYS = ("created", "completed", "complete", "chunk_rows", "tilescope_version")
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class EmbeddingStore:
+    """Patch embeddings of one slide in a zarr v3 group; see the module docstring for the layout.
+
+    Use `create_or_resume` to write and `open` to read; do not call the constructor directly.
+
+    Examples
+    --------
+    >>> store = EmbeddingStore.create_or_resume(  # doctest: +SKIP
+    ...     "slide.zarr", signature=sig, coords=xy, grid_rc=rc, tissue=t, embed_dim=512)
+    >>> with store:  # doctest: +SKIP
+    ...     for start, stop in store.pending_ranges():
+    ...         store.write(start, encode(tiles[start:stop]))
+    ...     store.finalize()
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, *, read_only: bool) -> None:
+        self.path = path
+        self.read_only = read_only
+        self._group = group
+        self._sig: dict[str, Any] = dict(group.attrs["tilescope"])  # type: ignore[arg-type]
+        self._arr = {name: group[name] for name in ARRAYS}
+        self._staged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._emb_cache: np.ndarray | None = None
+        self.flush_seconds = FLUSH_SECONDS
+        self._flushed_at = time.monotonic()
+        self._done = np.asarray(self._arr["done"][:], dtype=bool)
+        emb = self._arr["embeddings"]
+        self.n_tiles, self.embed_dim = int(emb.shape[0]), int(emb.shape[1])
+        self.chunk_rows = int(emb.chunks[0])
+        self.coords: np.ndarray = np.asarray(self._arr["coords"][:])  # (N, 2) level-0 x, y
+        self.grid_rc: np.ndarray = np.asarray(self._arr["grid_rc"][:])  # (N, 2) row, col
+        self.tissue: np.ndarray = np.asarray(self._arr["tissue"][:])  # (N,) 0..1
+        self.model_id = str(self._sig["model"]["model_id"])
+        self.slide_name = str(self._sig["slide"].get("name", path.stem))
+        mpp = self._sig["level0_mpp"]  # a number or [mpp_x, mpp_y]
+        self.level0_mpp = float(np.mean(mpp))
+        self.tile_l0 = float(self._sig["layout"]["tile_l0"])
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | PathLike[str]) -> EmbeddingStore:
+        """Open an existing store read-only (saving scores is still allowed)."""
+        p = Path(path)
+        if not p.exists():
+            raise StoreError(f"{p}: no such embedding store; embed the slide first")
+        return cls(p, _open_group(p, read_only=True), read_only=True)
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | PathLike[str],
+        *,
+        signature: Mapping[str, Any],
+        coords: np.ndarray,
+        grid_rc: np.ndarray,
+        tissue: np.ndarray,
+        embed_dim: int,
+        overwrite: bool = False,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> EmbeddingStore:
+        """Create a store, or resume one made with an equal signature and layout.
+
+        Parameters
+        ----------
+        path
+            Store directory, conventionally ``NAME.zarr``.
+        signature
+            At least model, grid, layout, slide, level0_mpp (`level0_mpp` a number or [x, y]).
+        coords, grid_rc, tissue
+            The tile layout: (N, 2) level-0 (x, y), (N, 2) (row, col), (N,) tissue fraction.
+        embed_dim
+            Embedding width D.
+        overwrite
+            Delete an existing store at `path` (mismatching or corrupt) and start afresh.
+        chunk_rows
+            Rows per chunk of ``embeddings`` for a new store.
+
+        Raises
+        ------
+        StoreMismatchError
+            The existing store was made with other parameters (each difference is listed).
+        StoreCorruptError
+            Something that is not a readable Tilescope store is at `path`. Neither error
+            changes anything on disk.
+        """
+        p = Path(path)
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        n = len(coords)
+        grid_rc = np.asarray(grid_rc, dtype=np.int32).reshape(-1, 2)
+        tissue = np.asarray(tissue, dtype=np.float32).reshape(-1)
+        if len(grid_rc) != n or len(tissue) != n:
+            raise StoreError(f"{p}: coords, grid_rc and tissue must have the same length")
+        if int(embed_dim) < 1 or chunk_rows < 1:
+            raise StoreError(f"{p}: embed_dim and chunk_rows must be positive")
+        sig = _full_signature(p, signature, n=n, embed_dim=int(embed_dim), chunk_rows=chunk_rows)
+        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+            pass  # an empty folder holds nothing to lose: create the store in it
+        elif p.exists() or p.is_symlink():
+            if overwrite:
+                _remove(p)
+            else:
+                store = cls(p, _open_group(p, read_only=False), read_only=False)
+                store._check_resume(sig, coords, grid_rc, tissue)
+                for f in p.rglob("*.partial"):  # temporaries of a killed writer
+                    if _PARTIAL.search(f.name):
+                        f.unlink()
+                return store
+        # build under a temporary name and rename: a store path never holds half a store
+        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            group = zarr.open_group(LocalStore(tmp), mode="w-", zarr_format=3)
+            rows, d = max(1, min(chunk_rows, n)), int(embed_dim)
+            group.create_array("coords", data=coords, chunks=(rows, 2))
+            group.create_array("grid_rc", data=grid_rc, chunks=(rows, 2))
+            group.create_array("tissue", data=tissue, chunks=(rows,))
+            group.create_array(
+                "embeddings", shape=(n, d), dtype="float32", chunks=(rows, d),
+                compressors=None, fill_value=0.0,
+            )  # fmt: skip
+            group.create_array("done", shape=(n,), dtype="uint8", chunks=(rows,), fill_value=0)
+            group.attrs["tilescope"] = sig
+            os.replace(tmp, p)  # also onto an empty folder
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return cls(p, _open_group(p, read_only=False), read_only=False)
+
+    def _check_resume(
+        self, sig: dict[str, Any], coords: np.ndarray, grid_rc: np.ndarray, tissue: np.ndarray
+    ) -> None:
+        diffs = signature_differences(self._sig, sig)
+        if not diffs:
+            if not np.array_equal(self.coords, coords) or not np.array_equal(self.grid_rc, grid_rc):
+                diffs.append("tile coordinates differ from the requested layout")
+            elif not np.allclose(self.tissue, tissue, atol=1e-6, equal_nan=True):
+                diffs.append("tissue fractions differ from the requested layout")
+        if diffs:
+            raise StoreMismatchError(
+                f"{self.path}: this store was made with other parameters:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse another output path, or --overwrite / overwrite=True to replace it."
+            )
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"{self.n_done}/{self.n_tiles} done"
+        return f"EmbeddingStore({str(self.path)!r}, {self.model_id}, D={self.embed_dim}, {state})"
+
+    # -- metadata and arrays ----------------------------------------------------------------
+    @property
+    def signature(self) -> dict[str, Any]:
+        """A copy of the provenance signature (``attrs["tilescope"]``)."""
+        return _jsonable(self._sig)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._sig.get("complete", False))
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """(N, D) float32, read whole (kept in memory if read-only); rows not done are zeros."""
+        if self._emb_cache is not None:
+            return self._emb_cache
+        emb = self.read_embeddings()
+        if self.read_only:
+            self._emb_cache = emb
+        return emb
+
+    def read_embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of the embeddings, read from disk and not kept."""
+        if self._emb_cache is not None:
+            return self._emb_cache[start:stop]
+        return np.asarray(self._arr["embeddings"][start:stop])
+
+    @property
+    def done(self) -> np.ndarray:
+        """(N,) bool: rows written to disk and marked done."""
+        return self._done.copy()
+
+    @property
+    def n_done(self) -> int:
+        return int(self._done.sum())
+
+    def todo_indices(self) -> np.ndarray:
+        """Rows neither done on disk nor staged in memory, ascending (int64)."""
+        todo = ~self._done
+        rows = self.chunk_rows
+        for c, (_, staged) in self._staged.items():
+            todo[c * rows : c * rows + len(staged)] &= ~staged
+        return np.flatnonzero(todo).astype(np.int64)
+
+    def pending_ranges(self) -> list[tuple[int, int]]:
+        """`todo_indices` as sorted half-open ``(start, stop)`` runs."""
+        return _runs(self.todo_indices())
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, start: int, embeddings: np.ndarray) -> None:
+        """`write_rows` for the contiguous rows ``start .. start + len(embeddings)``."""
+        self.write_rows(np.arange(start, start + len(embeddings)), embeddings)
+
+    def write_rows(self, indices: np.ndarray, embeddings: np.ndarray) -> None:
+        """Stage embeddings (K, D) of rows `indices` (K,); save chunks that become whole.
+
+        A chunk is written (data first, then its done flags) once every row of it is done or
+        staged. Staged rows of unfinished chunks are written by `flush`, on leaving a ``with``
+        block, by `finalize`, and at least every `flush_seconds`, which bounds what a killed
+        writer loses.
+        """
+        self._check_writable()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        emb = np.asarray(embeddings, dtype=np.float32)
+        n, d, rows = self.n_tiles, self.embed_dim, self.chunk_rows
+        if emb.shape != (len(idx), d) or (len(idx) and not 0 <= idx.min() <= idx.max() < n):
+            raise StoreError(
+                f"{self.path}: cannot write {emb.shape} embeddings to rows "
+                f"{idx.min() if len(idx) else ''}..: the store holds {n} rows of width {d}"
+            )
+        norms = np.linalg.norm(emb, axis=1)
+        if not np.all(np.isfinite(emb)) or not np.allclose(norms, 1.0, atol=1e-2):
+            raise StoreError(f"{self.path}: embeddings must be finite and L2-normalised")
+        if not len(idx):
+            return
+        order = np.argsort(idx, kind="stable")
+        idx, emb = idx[order], emb[order]
+        chunk = idx // rows
+        bounds = np.flatnonzero(np.diff(chunk)) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(idx)], strict=True):
+            c = int(chunk[a])
+            c0, c1 = c * rows, min((c + 1) * rows, n)
+            buf, staged = self._staged.setdefault(
+                c, (np.zeros((c1 - c0, d), np.float32), np.zeros(c1 - c0, bool))
+            )
+            buf[idx[a:b] - c0] = emb[a:b]
+            staged[idx[a:b] - c0] = True
+            if np.all(staged | self._done[c0:c1]):
+                self._flush_chunk(c)
+        if self._staged and time.monotonic() - self._flushed_at > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every staged row (partial chunks too) and mark it done."""
+        for c in sorted(self._staged):
+            self._flush_chunk(c)
+        self._flushed_at = time.monotonic()
+
+    def record_failures(self, failures: Iterable[tuple[int, str]]) -> None:
+        """Flush, then note tiles that could not be embedded (``attrs["tilescope_failures"]``,
+        a list of ``{"index", "message"}``). They stay not done and are retried on resume."""
+        self._check_writable()
+        self.flush()
+        rows = [{"index": int(i), "message": str(m)} for i, m in failures]
+        self._group.attrs["tilescope_failures"] = rows
+
+    @property
+    def failures(self) -> list[tuple[int, str]]:
+        """Tiles recorded by the last `record_failures`."""
+        rows = self._group.attrs.get("tilescope_failures") or []
+        return [(int(r["index"]), str(r["message"])) for r in rows]  # type: ignore[index]
+
+    @staticmethod
+    def is_complete(path: str | PathLike[str]) -> bool:
+        """True if `path` holds a readable store marked complete; never raises."""
+        try:
+            return EmbeddingStore.open(path).complete
+        except (StoreError, OSError):
+            return False
+
+    def _flush_chunk(self, c: int) -> None:
+        buf, staged = self._staged[c]
+        c0 = c * self.chunk_rows
+        runs = _runs(np.flatnonzero(staged))
+        for a, b in runs:  # data first ...
+            self._arr["embeddings"][c0 + a : c0 + b] = buf[a:b]
+        for a, b in runs:  # ... then the flags, so a done row always holds its final data
+            self._arr["done"][c0 + a : c0 + b] = 1
+            self._done[c0 + a : c0 + b] = True
+        del self._staged[c]
+
+    def finalize(self) -> None:
+        """Flush, check every row is done and mark the store complete."""
+        self._check_writable()
+        self.flush()
+        if not self._done.all():
+            raise StoreError(
+                f"{self.path}: {self.n_tiles - self.n_done} of {self.n_tiles} tiles are not "
+                "embedded yet; run the same command again to resume"
+            )
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._sig = {**self._sig, "complete": True, "completed": now}
+        self._group.attrs["tilescope"] = self._sig
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only; use create_or_resume to write")
+
+    # -- scores -----------------------------------------------------------------------------
+    def write_scores(
+        self, name: str, scores: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> None:
+        """Save arrays with N rows under ``scores/<name>``, replacing a previous one.
+
+        Allowed on stores opened read-only (embeddings stay untouched). The store must be
+        complete. ``meta`` (JSON) is written last; a set without it is not listed.
+        """
+        if not _NAME.match(name):
+            raise StoreError(f"{self.path}: score name {name!r} may use only A-Z a-z 0-9 _ . -")
+        if not self.complete:
+            raise StoreError(
+                f"{self.path}: the store is incomplete ({self.n_done}/{self.n_tiles} tiles); "
+                "finish embedding (run the same command again) before saving scores"
+            )
+        for key, arr in scores.items():
+            if not _NAME.match(key) or np.shape(arr)[:1] != (self.n_tiles,):
+                raise StoreError(
+                    f"{self.path}: score array {key!r} must have N={self.n_tiles} rows"
+                )
+        root = zarr.open_group(LocalStore(self.path), mode="r+", use_consolidated=False)
+        parent = root.require_group("scores")
+        group = parent.create_group(name, overwrite=True)
+        for key, arr in scores.items():
+            arr = np.asarray(arr)
+            group.create_array(
+                key, data=arr, chunks=(max(1, min(self.chunk_rows, len(arr))),) + arr.shape[1:]
+            )
+        group.attrs["tilescope_scores"] = _jsonable(dict(meta))
+
+    def score_names(self) -> list[str]:
+        """Names of complete saved score sets, sorted."""
+        if not (self.path / "scores" / "zarr.json").exists():
+            return []
+        parent = _open_group(self.path, read_only=True)["scores"]
+        return sorted(k for k, g in parent.groups() if "tilescope_scores" in g.attrs)
+
+    def read_scores(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and meta of the score set `name`."""
+        if name not in self.score_names():
+            have = ", ".join(self.score_names()) or "none"
+            raise StoreError(f"{self.path}: no saved scores named {name!r} (saved: {have})")
+        group = _open_group(self.path, read_only=True)[f"scores/{name}"]
+        arrays = {k: np.asarray(a[:]) for k, a in group.arrays()}
+        return arrays, dict(group.attrs["tilescope_scores"])  # type: ignore[arg-type]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def signature_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two signatures, over identity-relevant keys only.
+
+    Ignored: created/completed times, ``complete``, ``chunk_rows``, the tilescope patch
+    version, and model provenance keys outside `MODEL_IDENTITY_KEYS`.
+    """
+    a, b = _identity(old), _identity(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if va != vb:  # JSON values on both sides: floats round-trip exactly
+            out.append(f"{key}: store has {va!r}, requested {vb!r}")
+    return out
+
+
+def _identity(sig: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = obj
+
+    model = sig.get("model", {})
+    walk("", {k: v for k, v in sig.items() if k not in _IGNORED_KEYS and k != "model"})
+    walk("model", {k: model.get(k) for k in MODEL_IDENTITY_KEYS})
+    flat["tilescope_version"] = ".".join(str(sig.get("tilescope_version", "")).split(".")[:2])
+    return flat
+
+
+def _full_signature(
+    p: Path, signature: Mapping[str, Any], *, n: int, embed_dim: int, chunk_rows: int
+) -> dict[str, Any]:
+    missing = [k for k in _SIGNATURE_PARTS if k not in signature]
+    model = signature.get("model", {})
+    if missing or "model_id" not in model:
+        raise StoreError(
+            f"{p}: signature lacks {missing or ['model.model_id']}; see the store layout"
+        )
+    if model.get("embed_dim", embed_dim) != embed_dim:
+        raise StoreError(f"{p}: model embed_dim {model['embed_dim']} != embed_dim {embed_dim}")
+    sig = _jsonable(dict(signature))
+    sig.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        tilescope_version=__version__,
+        embed_dim=embed_dim,
+        n_tiles=n,
+        chunk_rows=max(1, min(chunk_rows, n)),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        complete=False,
+    )
+    return sig
+
+
+def _open_group(p: Path, *, read_only: bool) -> zarr.Group:
+    """Open and validate a store's group; raise StoreCorruptError without writing anything."""
+    hint = "choose another path, or use --overwrite / overwrite=True to replace it"
+    if not p.is_dir():
+        raise StoreCorruptError(f"{p}: exists but is not a zarr store directory; {hint}")
+    try:
+        group = zarr.open_group(
+            LocalStore(p, read_only=True), mode="r", zarr_format=3, use_consolidated=False
+        )
+        sig = group.attrs.get("tilescope")
+        arrays = dict(group.arrays())
+    except Exception as exc:  # zarr raises many kinds for damaged metadata
+        raise StoreCorruptError(f"{p}: not a readable zarr v3 group ({exc}); {hint}") from exc
+    if not isinstance(sig, Mapping) or sig.get("format") != FORMAT_NAME:
+        raise StoreCorruptError(f"{p}: not a Tilescope embedding store (no signature); {hint}")
+    if not isinstance(sig.get("format_version"), int) or sig["format_version"] > FORMAT_VERSION:
+        raise StoreError(
+            f"{p}: store format {sig.get('format_version')!r} is newer than this "
+            f"tilescope ({FORMAT_VERSION}); upgrade tilescope"
+        )
+    try:
+        n, d = int(sig["n_tiles"]), int(sig["embed_dim"])
+        missing = [k for k in (*_SIGNATURE_PARTS, "complete") if k not in sig]
+        missing += [k for k in ("model", "grid", "layout", "slide") if not isinstance(sig[k], dict)]
+        missing += [k for k in ("model_id",) if k not in sig["model"]]
+        missing += [k for k in ("tile_l0",) if k not in sig["layout"]]
+        float(np.mean(sig["level0_mpp"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        missing = [str(exc)]
+    if missing:
+        raise StoreCorruptError(f"{p}: damaged signature (missing or bad {missing}); {hint}")
+    shapes = {
+        "coords": (n, 2),
+        "grid_rc": (n, 2),
+        "tissue": (n,),
+        "embeddings": (n, d),
+        "done": (n,),
+    }
+    for name, shape in shapes.items():
+        if name not in arrays:
+            raise StoreCorruptError(f"{p}: the array {name!r} is missing; {hint}")
+        if tuple(arrays[name].shape) != shape:
+            raise StoreCorruptError(
+                f"{p}: array {name!r} has shape {arrays[name].shape}, expected {shape}; {hint}"
+            )
+    if read_only:
+        return group
+    return zarr.open_group(LocalStore(p), mode="r+", zarr_format=3, use_consolidated=False)
+
+
+def _remove(p: Path) -> None:
+    """Delete what overwrite replaces, refusing anything that does not look like a store."""
+    if p.is_dir() and not p.is_symlink():
+        if p.suffix != ".zarr" and not (p / "zarr.json").exists() and any(p.iterdir()):
+            raise StoreError(
+                f"{p}: is a non-empty folder that is not a zarr store; refusing to delete it "
+                "even with overwrite; choose a path ending in .zarr"
+            )
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices as half-open runs ``(start, stop)``."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(idx)]])
+    return [(int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays, tuples and Paths."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, PathLike):
+        return str(obj)
+    return obj

@@ -1,0 +1,184 @@
+"""Region search: shapes to tiles, Rocchio queries, exact top-k, search across stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_store import layout, signature
+
+from tilescope.errors import SearchError
+from tilescope.search import build_query, search_stores, similarity, tiles_in_shapes, top_k
+from tilescope.store import EmbeddingStore
+
+D = 16
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def random_embeddings(n: int, seed: int = 0) -> np.ndarray:
+    return unit(np.random.default_rng(seed).standard_normal((n, D)))
+
+
+def make_store(path: Path, emb: np.ndarray, *, digest: str = "abc", finish: bool = True) -> Path:
+    n = len(emb)
+    coords, rc, tissue = layout(n)
+    sig = signature(n, model__weights_digest=digest, model__embed_dim=D)
+    st = EmbeddingStore.create_or_resume(
+        path, signature=sig, coords=coords, grid_rc=rc, tissue=tissue, embed_dim=D, chunk_rows=8
+    )
+    st.write(0, emb if finish else emb[: n // 2])
+    if finish:
+        st.finalize()
+    else:
+        st.flush()
+    return path
+
+
+MODEL = {"model_id": "fake/model", "weights_digest": "abc", "trained": False, "embed_dim": D}
+
+# -- shapes -------------------------------------------------------------------------------------
+# a 4 x 4 grid of 10 px tiles from (0, 0): centres at 5, 15, 25, 35
+COORDS = np.array([(x, y) for y in range(0, 40, 10) for x in range(0, 40, 10)])
+
+
+def test_rectangle_selects_tiles_whose_centre_is_inside() -> None:
+    rect = np.array([[0, 0], [20, 0], [20, 20], [0, 20]])
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [rect]), [0, 1, 4, 5])
+    # a (2, 2) array is a rectangle from two corners, in any order
+    np.testing.assert_array_equal(
+        tiles_in_shapes(COORDS, 10, [np.array([[21, 29], [4, 11]])]), [4, 5, 8, 9]
+    )
+    assert tiles_in_shapes(COORDS, 10, [np.array([[6, 6], [14, 14]])]).size == 0
+
+
+def test_half_open_edges_assign_shared_centres_once() -> None:
+    left = np.array([[0, 0], [15, 0], [15, 40], [0, 40]])  # right edge through centres x=15
+    right = np.array([[15, 0], [40, 0], [40, 40], [15, 40]])
+    a, b = tiles_in_shapes(COORDS, 10, [left]), tiles_in_shapes(COORDS, 10, [right])
+    assert set(a).isdisjoint(b) and len(a) + len(b) == 16
+    both = tiles_in_shapes(COORDS, 10, [left, right])
+    np.testing.assert_array_equal(both, np.arange(16))
+
+
+def test_polygon_and_winding() -> None:
+    tri = np.array([[0, 0], [40, 0], [0, 40]])  # below the anti-diagonal x + y < 40
+    centres = COORDS + 5
+    expected = np.flatnonzero(centres.sum(1) < 40)
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [tri]), expected)
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [tri[::-1]]), expected)
+    closed = np.vstack([tri, tri[:1]])
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [closed]), expected)
+    with pytest.raises(SearchError, match="vertices"):
+        tiles_in_shapes(COORDS, 10, [np.array([[0, 0], [1, 1], [2, 2]]).T])
+
+
+# -- queries ------------------------------------------------------------------------------------
+def test_query_of_one_tile_ranks_it_first() -> None:
+    emb = random_embeddings(500)
+    for i in (0, 17, 499):
+        q = build_query(emb, [i])
+        np.testing.assert_allclose(q, emb[i], atol=1e-6)
+        assert top_k(similarity(emb, q), 5)[0] == i
+
+
+def test_negative_region_lowers_tiles_like_it() -> None:
+    rng = np.random.default_rng(3)
+    a, b = unit(rng.standard_normal(D)), unit(rng.standard_normal(D))
+    emb = unit(
+        np.vstack([a + 0.1 * rng.standard_normal((20, D)), b + 0.1 * rng.standard_normal((20, D))])
+    )
+    mixed = [0, 1, 2, 20, 21, 22]  # the drawn region covers both kinds
+    plain = similarity(emb, build_query(emb, mixed))
+    pushed = similarity(emb, build_query(emb, mixed, negative_idx=range(20, 30)))
+    assert pushed[20:].mean() < plain[20:].mean() - 0.2
+    assert pushed[:20].min() > pushed[20:].max()  # every A-like tile outranks every B-like
+    assert set(top_k(pushed, 10)) <= set(range(20))
+    # tiles in both sets count as positive only
+    same = build_query(emb, [0, 1], negative_idx=[1, 25])
+    np.testing.assert_allclose(same, build_query(emb, [0, 1], negative_idx=[25]))
+
+
+def test_query_errors() -> None:
+    emb = random_embeddings(10)
+    with pytest.raises(SearchError, match="draw over tissue"):
+        build_query(emb, [])
+    with pytest.raises(SearchError, match="cancel out"):
+        build_query(np.vstack([emb[:1], emb[:1]]), [0], negative_idx=[1])
+    with pytest.raises(SearchError, match="width"):
+        similarity(emb, np.ones(D + 1, np.float32))
+
+
+def test_top_k_ties_exclusions_and_stability() -> None:
+    sim = np.array([0.5, 0.9, 0.5, np.nan, 0.9, 0.1, 0.5])
+    np.testing.assert_array_equal(top_k(sim, 4), [1, 4, 0, 2])
+    np.testing.assert_array_equal(top_k(sim, 3, exclude=[1]), [4, 0, 2])
+    mask = np.zeros(7, bool)
+    mask[[0, 4]] = True
+    np.testing.assert_array_equal(top_k(sim, 3, exclude=mask), [1, 2, 6])
+    np.testing.assert_array_equal(top_k(sim, 100), [1, 4, 0, 2, 6, 5])  # NaN never ranks
+    assert top_k(sim, 0).size == 0 and top_k(np.zeros(0), 3).size == 0
+    many = np.random.default_rng(0).integers(0, 20, 5000) / 20.0  # lots of ties
+    reference = np.lexsort((np.arange(5000), -many))[:300]
+    for _ in range(3):
+        np.testing.assert_array_equal(top_k(many, 300), reference)
+
+
+def test_similarity_is_exact_cosine() -> None:
+    emb = random_embeddings(50)
+    q = unit(np.random.default_rng(9).standard_normal(D))
+    sim = similarity(emb, q)
+    assert sim.dtype == np.float32 and sim.shape == (50,)
+    np.testing.assert_allclose(sim, emb.astype(np.float64) @ q.astype(np.float64), atol=1e-6)
+
+
+# -- across stores ------------------------------------------------------------------------------
+def test_search_stores_ranks_across_slides(tmp_path: Path) -> None:
+    e1, e2 = random_embeddings(30, seed=1), random_embeddings(25, seed=2)
+    p1 = make_store(tmp_path / "slides" / "a.zarr", e1)
+    p2 = make_store(tmp_path / "slides" / "b.zarr", e2)
+    q = build_query(e2, [7])
+    matches = search_stores(q, [p1, p2], model=MODEL, k=5)
+    assert len(matches) == 5
+    assert (matches[0].store, matches[0].index) == (str(p2), 7)
+    assert matches[0].similarity == pytest.approx(1.0, abs=1e-5)
+    coords, _, _ = layout(25)
+    assert (matches[0].x, matches[0].y) == tuple(coords[7]) and matches[0].tile_l0 == 448.0
+    assert matches[0].slide_name == "s.svs"
+    sims = [m.similarity for m in matches]
+    assert sims == sorted(sims, reverse=True)
+    every = np.concatenate([similarity(e1, q), similarity(e2, q)])
+    assert sims == pytest.approx(sorted(every, reverse=True)[:5], abs=1e-6)
+    assert search_stores(q, tmp_path / "slides", model=MODEL, k=5) == matches  # a folder
+    again = search_stores(q, [p1, p2], model=MODEL, k=5, exclude={p2: [7]})
+    assert (str(p2), 7) not in {(m.store, m.index) for m in again}
+
+
+def test_store_of_another_model_is_refused(tmp_path: Path) -> None:
+    p1 = make_store(tmp_path / "a.zarr", random_embeddings(10))
+    p2 = make_store(tmp_path / "b.zarr", random_embeddings(10), digest="other")
+    q = random_embeddings(1)[0]
+    with pytest.raises(SearchError) as err:
+        search_stores(q, [p1, p2], model=MODEL, k=3)
+    msg = str(err.value)
+    assert str(p2) in msg and "other" in msg and "different model" in msg
+    assert str(p1) not in msg
+    with pytest.raises(SearchError, match="different model"):
+        search_stores(np.ones(D + 1, np.float32), [p1], model=MODEL)
+    with pytest.raises(SearchError, match="weights_digest"):
+        search_stores(q, [p1], model={})
+
+
+def test_incomplete_store_searches_done_rows_only(tmp_path: Path) -> None:
+    emb = random_embeddings(16)
+    p = make_store(tmp_path / "half.zarr", emb, finish=False)
+    matches = search_stores(emb[12], [p], model=MODEL, k=16)
+    assert {m.index for m in matches} == set(range(8))
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(SearchError, match="no \\*.zarr"):
+        search_stores(np.ones(D), tmp_path, model=MODEL)
