@@ -1,0 +1,238 @@
+"""The embedding pipeline: slide → tissue → grid → tile batches → encoder → store.
+
+Resumable: rows already in the store are skipped; killing the process loses at most the batch
+in flight. Progress is reported through a callback (CLI bar, napari progress bar, or nothing),
+and the same work is available as a generator (`iter_embed_slide`) for napari's
+``thread_worker``, whose Cancel closes the generator between batches.
+
+Examples
+--------
+>>> from tilescope import embed_slide                              # doctest: +SKIP
+>>> result = embed_slide("CMU-1-Small-Region.svs", "out/CMU-1.zarr")  # doctest: +SKIP
+>>> result.n_tiles, result.store_path                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .grid import TileGrid
+from .slide import Slide
+from .store import EmbeddingStore
+from .tiles import stream_tiles
+from .tissue import tissue_mask
+
+if TYPE_CHECKING:
+    from .models import Encoder
+
+
+@dataclass(frozen=True)
+class EmbedProgress:
+    """One progress report. ``done``/``total`` count tiles of this slide."""
+
+    slide: str
+    stage: str  # "tissue", "embedding", "done"
+    done: int
+    total: int
+    elapsed: float
+    rate: float  # tiles per second in this run
+    failed: int = 0
+
+    @property
+    def eta(self) -> float | None:
+        if self.rate <= 0:
+            return None
+        return (self.total - self.done) / self.rate
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    store_path: Path
+    n_tiles: int
+    embedded_now: int
+    failed: tuple[tuple[int, str], ...]
+    seconds: float
+    complete: bool
+    trained_model: bool
+
+
+def store_path_for(slide_path: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
+    """One store per slide: ``OUT/<slide file name without suffix>.zarr``."""
+    return Path(out_dir) / (Path(slide_path).stem + ".zarr")
+
+
+def build_signature(slide: Slide, grid: TileGrid, layout: Any, encoder: Encoder) -> dict[str, Any]:
+    """What produced a store (the provenance that must match to resume)."""
+    return {
+        "model": encoder.provenance(),
+        "grid": grid.as_dict(),
+        "slide": slide.identity(),
+        "level0_mpp": [slide.mpp_x, slide.mpp_y],
+        "layout": {
+            "origin": [int(v) for v in layout.origin],
+            "downsample": float(layout.downsample),
+            "tile_l0": float(layout.tile_l0),
+            "stride_l0": float(layout.stride_l0),
+            "grid_shape": [int(v) for v in layout.grid_shape],
+        },
+    }
+
+
+def iter_embed_slide(
+    slide_path: str | PathLike[str],
+    store_path: str | PathLike[str],
+    *,
+    encoder: Encoder,
+    grid: TileGrid | None = None,
+    slide_mpp: float | None = None,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    overwrite: bool = False,
+    on_error: str = "skip",
+    tissue_kwargs: dict[str, Any] | None = None,
+) -> Generator[EmbedProgress, None, EmbedResult]:
+    """Embed one slide, yielding an `EmbedProgress` after every batch; returns `EmbedResult`.
+
+    Closing the generator (``gen.close()``, napari's Cancel) stops after the batch in flight;
+    every row embedded so far is flushed to the store and a later run resumes from there.
+    A killed process loses at most the rows of the last ``store.FLUSH_SECONDS`` seconds.
+    """
+    grid = grid or TileGrid()
+    t0 = time.perf_counter()
+    name = Path(slide_path).name
+    with Slide(slide_path, mpp=slide_mpp) as slide:
+        _ = slide.mpp  # fail early and clearly if mpp is missing
+        yield EmbedProgress(name, "tissue", 0, 0, 0.0, 0.0)
+        mask = tissue_mask(slide, **(tissue_kwargs or {}))
+        layout = grid.layout(slide, mask)
+        signature = build_signature(slide, grid, layout, encoder)
+    store = EmbeddingStore.create_or_resume(
+        store_path,
+        signature=signature,
+        coords=layout.coords,
+        grid_rc=layout.grid_rc,
+        tissue=layout.tissue,
+        embed_dim=encoder.embed_dim,
+        overwrite=overwrite,
+    )
+    total = len(layout)
+    todo = store.todo_indices()
+    done = total - len(todo)
+    embedded_now = 0
+    failures: list[tuple[int, str]] = []
+    t_start = time.perf_counter()
+    yield EmbedProgress(name, "embedding", done, total, time.perf_counter() - t0, 0.0)
+    if len(todo):
+        batches = stream_tiles(
+            slide_path,
+            layout,
+            target_mpp=grid.target_mpp,
+            tile_px=grid.tile_px,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            on_error=on_error,
+            indices=todo,
+            slide_mpp=slide_mpp,
+        )
+        try:
+            for batch in batches:
+                for f in batch.failed:
+                    failures.append((int(f.index), str(f.message)))
+                if len(batch.indices):
+                    emb = encoder.encode_images(batch.images)
+                    store.write_rows(batch.indices, emb)
+                    embedded_now += len(batch.indices)
+                done += len(batch.indices) + len(batch.failed)
+                rate = embedded_now / max(time.perf_counter() - t_start, 1e-9)
+                yield EmbedProgress(
+                    name, "embedding", done, total, time.perf_counter() - t0, rate,
+                    failed=len(failures),
+                )  # fmt: skip
+        finally:
+            batches.close()  # stop reader threads promptly, also on cancel
+            store.flush()  # keep every embedded row, also on cancel or error
+    if failures:
+        store.record_failures(failures)
+    complete = not failures and not len(store.todo_indices())
+    if complete:
+        store.finalize()
+    elapsed = time.perf_counter() - t0
+    rate = embedded_now / max(time.perf_counter() - t_start, 1e-9)
+    yield EmbedProgress(name, "done", done, total, elapsed, rate, failed=len(failures))
+    return EmbedResult(
+        store_path=Path(store_path),
+        n_tiles=total,
+        embedded_now=embedded_now,
+        failed=tuple(failures),
+        seconds=elapsed,
+        complete=complete,
+        trained_model=bool(encoder.trained),
+    )
+
+
+def embed_slide(
+    slide_path: str | PathLike[str],
+    store_path: str | PathLike[str],
+    *,
+    encoder: Encoder | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    progress: Callable[[EmbedProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **kwargs: Any,
+) -> EmbedResult:
+    """Embed one slide into a zarr store (see `iter_embed_slide` for the keyword options).
+
+    Parameters
+    ----------
+    slide_path, store_path
+        The slide and the ``.zarr`` directory to create or resume.
+    encoder, model, device
+        A loaded `~tilescope.models.Encoder`, or a model name to load (BiomedCLIP by default).
+    progress
+        Called with an `EmbedProgress` after every batch.
+    should_stop
+        Polled after every batch; returning True stops cleanly (the store keeps its rows).
+    """
+    if encoder is None:
+        from .models import DEFAULT_MODEL, load_encoder
+
+        encoder = load_encoder(model or DEFAULT_MODEL, device=device)
+    gen = iter_embed_slide(slide_path, store_path, encoder=encoder, **kwargs)
+    try:
+        while True:
+            report = next(gen)
+            if progress is not None:
+                progress(report)
+            if should_stop is not None and should_stop():
+                gen.close()
+                return _partial_result(store_path, report, encoder)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def _partial_result(store_path: Any, report: EmbedProgress, encoder: Any) -> EmbedResult:
+    return EmbedResult(
+        store_path=Path(store_path),
+        n_tiles=report.total,
+        embedded_now=0,
+        failed=(),
+        seconds=report.elapsed,
+        complete=False,
+        trained_model=bool(encoder.trained),
+    )
+
+
+def embed_slides(
+    slide_paths: Sequence[str | PathLike[str]],
+    out_dir: str | PathLike[str],
+    **kwargs: Any,
+) -> list[EmbedResult]:
+    """Embed several slides, one store each in `out_dir`; finished stores are skipped."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return [embed_slide(p, store_path_for(p, out_dir), **kwargs) for p in slide_paths]
