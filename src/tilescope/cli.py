@@ -7,9 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .errors import TilescopeError
+
+if TYPE_CHECKING:
+    pass
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -49,8 +53,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .models import load_encoder
     from .store import EmbeddingStore
 
-    grid = TileGrid(target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap,
-                    min_tissue=args.min_tissue)  # fmt: skip
+    grid = TileGrid(
+        target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap, min_tissue=args.min_tissue
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model, device=args.device)
@@ -72,10 +77,17 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             bar.refresh()
 
         try:
-            result = embed_slide(slide, target, encoder=encoder, grid=grid,
-                                 slide_mpp=args.slide_mpp, batch_size=batch,
-                                 num_workers=args.workers, overwrite=args.overwrite,
-                                 progress=report)  # fmt: skip
+            result = embed_slide(
+                slide,
+                target,
+                encoder=encoder,
+                grid=grid,
+                slide_mpp=args.slide_mpp,
+                batch_size=batch,
+                num_workers=args.workers,
+                overwrite=args.overwrite,
+                progress=report,
+            )
         finally:
             bar.close()
         msg = f"{slide}: {result.n_tiles} tiles -> {target} ({result.seconds:.1f} s)"
@@ -84,6 +96,141 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             status = EXIT_ERROR
         print(msg)
     return status
+
+
+def _parse_box(text: str) -> list[list[float]]:
+    """ "x,y,w,h" in level-0 pixels -> the rectangle's two corners for search.tiles_in_shapes."""
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"a region is x,y,width,height in level-0 pixels, not {text!r}"
+        raise TilescopeError(msg) from None
+    return [[x, y], [x + w, y + h]]
+
+
+def _xywh(text: str) -> tuple[float, float, float, float]:
+    (x0, y0), (x1, y1) = _parse_box(text)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _label_line(pooled: object) -> str:
+    scores = getattr(pooled, "scores", {})
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
+    return (
+        f"slide label: {getattr(pooled, 'label', '?')} ({getattr(pooled, 'method', '')}: {parts})"
+    )
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .models import load_encoder_for_store
+    from .score import PromptSet, TileGeometry, heatmap, save_scores, score_store
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore.open(args.store)
+    prompts = PromptSet.parse(args.classes, templates=args.template or ("{}",))
+    encoder = load_encoder_for_store(store.signature["model"], name=args.model, device=args.device)
+    scores, pooled = score_store(
+        store,
+        prompts,
+        encoder.encode_text,
+        encoder.logit_scale,
+        method=args.pooling,
+        k=args.k,
+        temperature=args.temperature,
+    )
+    if args.save:
+        save_scores(store, args.save, scores, prompts, {"pooling": args.pooling})
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "store": str(store.path),
+                    "label": pooled.label,
+                    "scores": pooled.scores,
+                    "pooling": pooled.method,
+                    "model": encoder.model_id,
+                    "trained_model": encoder.trained,
+                    "n_tiles": store.n_tiles,
+                },
+                indent=2,
+            )
+        )
+    else:
+        if not encoder.trained:
+            print(f"NOTE: {encoder.label}: these scores mean nothing.")
+        print(f"slide label: {pooled.label}  ({pooled.method} pooling over {store.n_tiles} tiles)")
+        for name, value in sorted(pooled.scores.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<24} {value:.4f}")
+    if args.png:
+        from .figures import heatmap_figure
+
+        if not args.slide:
+            raise TilescopeError("--png draws over the slide: pass its file with --slide")
+        c = prompts.class_names.index(pooled.label)
+        hm = heatmap(scores.probs[:, c], TileGeometry.from_store(store))
+        warn = None if encoder.trained else f"{encoder.label}: NOT A RESULT"
+        heatmap_figure(
+            args.slide,
+            hm,
+            args.png,
+            [f"P({pooled.label}) per tile", _label_line(pooled)],
+            slide_mpp=args.slide_mpp,
+            warning=warn,
+        )
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import build_query, search_stores, tiles_in_shapes
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore.open(args.store)
+    pos = tiles_in_shapes(store.coords, store.tile_l0, [_parse_box(b) for b in args.region])
+    neg = tiles_in_shapes(store.coords, store.tile_l0, [_parse_box(b) for b in args.unlike])
+    query = build_query(store.embeddings, pos, neg)
+    targets = args.against or [store.path]
+    exclude = {store.path: pos}  # the query tiles themselves are not matches
+    matches = search_stores(
+        query, targets, model=store.signature["model"], k=args.k, exclude=exclude
+    )
+    if args.json:
+        print(json.dumps([m.__dict__ for m in matches], indent=2))
+    else:
+        print(f"query: {len(pos)} tiles like, {len(neg)} unlike; top {len(matches)} matches")
+        for rank, m in enumerate(matches, 1):
+            print(
+                f"{rank:>3}. {m.slide_name:<32} x={m.x:<7} y={m.y:<7} similarity {m.similarity:.4f}"
+            )
+    if args.png:
+        from .figures import heatmap_figure
+        from .score import TileGeometry, heatmap
+        from .search import similarity
+
+        if not args.slide:
+            raise TilescopeError("--png draws over the slide: pass its file with --slide")
+        hm = heatmap(similarity(store.embeddings, query), TileGeometry.from_store(store))
+        trained = store.signature["model"].get("trained", True)
+        heatmap_figure(
+            args.slide,
+            hm,
+            args.png,
+            ["cosine similarity to the query region (cyan); top matches in this slide (green)"],
+            slide_mpp=args.slide_mpp,
+            warning=None if trained else "UNTRAINED model: NOT A RESULT",
+            boxes=[_xywh(b) for b in args.region],
+            marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in matches if m.store == str(store.path)],
+        )
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_store
+
+    out = export_store(args.store, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +281,76 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace stores made with other settings instead of refusing",
     )
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("score", help="score a store's tiles against text prompts")
+    p.add_argument("store", help="a store made by `tilescope embed`")
+    p.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        required=True,
+        metavar="NAME=PROMPT[|PROMPT...]",
+        help='a class and its prompts, e.g. "tumor=invasive carcinoma|malignant '
+        'epithelium"; repeat for each class',
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        help='prompt template with {} (e.g. "an H&E image of {}"); repeatable',
+    )
+    p.add_argument("--pooling", choices=["attention", "topk", "mean"], default="attention")
+    p.add_argument("--k", type=int, default=50, help="tiles for top-k pooling (50)")
+    p.add_argument("--temperature", type=float, default=1.0, help="attention temperature")
+    p.add_argument("--model", default=None, help="where to load the store's model from")
+    p.add_argument("--device", default=None)
+    p.add_argument("--save", metavar="NAME", help="save the scores into the store")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--png", help="write the winning class's heatmap over the slide to this PNG")
+    p.add_argument("--slide", help="the slide file (for --png)")
+    p.add_argument("--slide-mpp", type=float, default=None)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("search", help="find tiles like a region, in this and other stores")
+    p.add_argument("store", help="the store holding the query region")
+    p.add_argument(
+        "--region",
+        action="append",
+        required=True,
+        metavar="X,Y,W,H",
+        help="query rectangle in level-0 pixels (tiles whose centre is inside); repeatable",
+    )
+    p.add_argument(
+        "--unlike",
+        action="append",
+        default=[],
+        metavar="X,Y,W,H",
+        help="rectangle of tissue the matches should not look like; repeatable",
+    )
+    p.add_argument(
+        "--against",
+        action="append",
+        metavar="STORE_OR_FOLDER",
+        help="stores (or folders of stores) to search; default: the query's store",
+    )
+    p.add_argument("-k", type=int, default=20, help="number of matches (20)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--png", help="write the similarity map over the slide to this PNG")
+    p.add_argument("--slide", help="the slide file (for --png)")
+    p.add_argument("--slide-mpp", type=float, default=None)
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("export", help="export embeddings, coordinates, scores, provenance")
+    p.add_argument("store")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="OUT.zarr (embeddings, coordinates in px and µm, scores, provenance) or "
+        "OUT.geojson (tile polygons with scores, for QuPath)",
+    )
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

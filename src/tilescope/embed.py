@@ -159,7 +159,7 @@ def iter_embed_slide(
     if failures:
         store.record_failures(failures)
     complete = not failures and not len(store.todo_indices())
-    if complete:
+    if complete and not store.complete:
         store.finalize()
     elapsed = time.perf_counter() - t0
     rate = embedded_now / max(time.perf_counter() - t_start, 1e-9)

@@ -74,7 +74,7 @@ def save_figure(
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=14)
-    lines = ([warning] if warning else []) + list(caption)
+    lines = [_ascii(t) for t in ([warning] if warning else []) + list(caption)]
     line_h = 18
     pad = 6
     h, w = image.shape[:2]
@@ -92,6 +92,30 @@ def save_figure(
     return path
 
 
+def _ascii(text: str) -> str:
+    """Pillow's default font lacks some glyphs (em dash, µ): use plain equivalents."""
+    return text.replace("\u2014", "-").replace("\u2013", "-").replace("\u00b5", "u")
+
+
+def draw_boxes(
+    image: np.ndarray,
+    slide_dims: tuple[int, int],
+    boxes: Sequence[tuple[float, float, float, float]],
+    colour: tuple[int, int, int] = (0, 200, 255),
+    width: int = 3,
+) -> np.ndarray:
+    """Outline level-0 boxes (x, y, w, h) on a whole-slide thumbnail."""
+    from PIL import Image, ImageDraw
+
+    th, tw = image.shape[:2]
+    sx, sy = tw / slide_dims[0], th / slide_dims[1]
+    pil = Image.fromarray(image[..., :3].copy())
+    draw = ImageDraw.Draw(pil)
+    for x, y, w, h in boxes:
+        draw.rectangle([x * sx, y * sy, (x + w) * sx, (y + h) * sy], outline=colour, width=width)
+    return np.asarray(pil)
+
+
 def heatmap_figure(
     slide_path: str | PathLike[str],
     hm: Heatmap,
@@ -103,10 +127,26 @@ def heatmap_figure(
     max_size: int = 1024,
     vmin: float | None = None,
     vmax: float | None = None,
+    boxes: Sequence[tuple[float, float, float, float]] = (),
+    box_colour: tuple[int, int, int] = (0, 200, 255),
+    marks: Sequence[tuple[float, float, float, float]] = (),
+    mark_colour: tuple[int, int, int] = (40, 220, 40),
 ) -> Path:
-    """Write `hm` over the slide's thumbnail to `out` (PNG)."""
+    """Write `hm` over the slide's thumbnail to `out` (PNG), with the colour range in the caption.
+
+    `boxes` (level-0 x, y, w, h; e.g. a query region) and `marks` (e.g. matches) are outlined
+    on top in their colours.
+    """
     with Slide(slide_path, mpp=slide_mpp) as slide:
         thumb = slide.thumbnail(max_size)
         dims = slide.dimensions
-    img = overlay(thumb, dims, hm, vmin=vmin, vmax=vmax)
-    return save_figure(img, out, caption, warning=warning)
+    finite = hm.raster[np.isfinite(hm.raster)]
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    img = overlay(thumb, dims, hm, vmin=lo, vmax=hi)
+    if marks:
+        img = draw_boxes(img, dims, marks, mark_colour, width=2)
+    if boxes:
+        img = draw_boxes(img, dims, boxes, box_colour)
+    legend = f"colour: {lo:.3g} (dark purple) to {hi:.3g} (yellow); uncoloured = no tissue tile"
+    return save_figure(img, out, [*caption, legend], warning=warning)
