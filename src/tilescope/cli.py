@@ -233,6 +233,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slide = demo.demo_slide(args.slide, out)
+    encoder = demo.demo_encoder(args.model, args.device)
+    if not args.headless and demo.has_display():
+        from ._napari._demo import launch
+
+        return launch(slide, out, encoder)
+    result = demo.run_headless(slide, out, encoder)
+    print(demo.report(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilescope",
@@ -351,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="embed the sample slide and show heatmaps and a search")
+    p.add_argument("--slide", help="a slide to use instead of the sample slide")
+    p.add_argument("--model", help="model (default: BiomedCLIP, else tiny-random with a notice)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="tilescope-demo", help="folder for store, PNGs, exports")
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="write PNG figures instead of opening napari (default without a display)",
+    )
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,174 @@
+"""The demo: embed the sample slide, score prompts, search a region, export; PNGs when headless.
+
+``tilescope demo`` (and ``bash examples/demo.sh``) runs this. With a display it opens napari
+with the widgets instead (see ``tilescope._napari._demo``). BiomedCLIP is used when its weights
+are reachable; otherwise the tiny untrained model, with a loud notice on every output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import TilescopeError, WeightsNotFoundError
+
+DEFAULT_PROMPTS = """\
+tumor: invasive carcinoma; malignant epithelium
+epidermis: benign squamous epithelium; keratinocytes
+stroma: fibrous connective tissue; collagen
+inflammation: dense lymphocytic infiltrate
+adipose: adipose tissue; fat cells
+"""
+TEMPLATES = ("an H&E image of {}", "a histopathology image of {}")
+UNTRAINED_BANNER = (
+    "NOTICE: BiomedCLIP weights were not found (offline, not cached), so this demo runs the "
+    "tiny UNTRAINED model. Its heatmaps, labels and matches show how Tilescope works, and "
+    "mean nothing. See README 'Using BiomedCLIP offline' to supply the real weights."
+)
+
+
+@dataclass
+class DemoResult:
+    slide: Path
+    store: Path
+    model: str
+    trained: bool
+    label: str
+    scores: dict[str, float]
+    query_box_l0: tuple[int, int, int, int]
+    matches: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    exports: list[Path] = field(default_factory=list)
+
+
+def demo_slide(explicit: str | None = None, workdir: Path | None = None) -> Path:
+    """The slide to show: `explicit`, else the sample slide (env var, cache, or download),
+    else a synthetic slide written to `workdir` when the sample cannot be had (offline)."""
+    from .sample import sample_slide_path
+
+    if explicit:
+        return Path(explicit)
+    try:
+        return sample_slide_path()
+    except TilescopeError as exc:
+        from .synthetic import SyntheticSlide
+
+        target = (workdir or Path.cwd()) / "synthetic-demo-slide.tif"
+        print(f"NOTICE: {exc}\nUsing a synthetic slide instead: {target}", file=sys.stderr)
+        if not target.exists():
+            SyntheticSlide.with_random_blobs(4096, 3072, mpp=0.5, n=5, seed=1).write(target)
+        return target
+
+
+def demo_encoder(model: str | None = None, device: str | None = None) -> Any:
+    """BiomedCLIP if reachable (or `model` if named), else the tiny untrained model + notice."""
+    from .models import DEFAULT_MODEL, TINY_MODEL, load_encoder
+
+    if model:
+        return load_encoder(model, device=device)
+    try:
+        return load_encoder(DEFAULT_MODEL, device=device)
+    except WeightsNotFoundError:
+        print("\n" + "!" * 80 + "\n" + UNTRAINED_BANNER + "\n" + "!" * 80 + "\n", file=sys.stderr)
+        return load_encoder(TINY_MODEL, device=device)
+
+
+def query_box(store: Any, scores_col: np.ndarray) -> tuple[int, int, int, int]:
+    """A level-0 box (x, y, w, h) around the tile scoring highest for the slide label."""
+    i = int(np.argmax(scores_col))
+    x, y = (int(v) for v in store.coords[i])
+    t = int(round(store.tile_l0))
+    return x, y, t, t
+
+
+def run_headless(
+    slide: Path, out_dir: Path, encoder: Any, *, prompts: str = DEFAULT_PROMPTS, k: int = 10
+) -> DemoResult:
+    """Embed, score, search and export without a display; writes PNGs and exports to out_dir."""
+    from .embed import embed_slide, store_path_for
+    from .export import export_store
+    from .figures import heatmap_figure
+    from .score import PromptSet, TileGeometry, heatmap, save_scores, score_store
+    from .search import build_query, search_stores, similarity, tiles_in_shapes
+    from .store import EmbeddingStore
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store_path = store_path_for(slide, out_dir)
+    print(f"embedding {slide.name} with {encoder.label} ...")
+    embed_slide(slide, store_path, encoder=encoder, progress=_print_progress)
+    store = EmbeddingStore.open(store_path)
+    warning = None if encoder.trained else f"{encoder.label}: NOT A RESULT"
+
+    ps = PromptSet.parse(prompts, templates=TEMPLATES)
+    scores, pooled = score_store(store, ps, encoder.encode_text, encoder.logit_scale)
+    save_scores(store, "demo", scores, ps, {"pooling": pooled.method})
+    c = ps.class_names.index(pooled.label)
+    geometry = TileGeometry.from_store(store)
+    ranked = ", ".join(
+        f"{n} {v:.3f}" for n, v in sorted(pooled.scores.items(), key=lambda kv: -kv[1])
+    )
+    fig_heat = heatmap_figure(
+        slide, heatmap(scores.probs[:, c], geometry), out_dir / "heatmap.png",
+        [f"P({pooled.label}) per tile", f"slide label ({pooled.method}): {pooled.label}; {ranked}"],
+        warning=warning,
+    )  # fmt: skip
+
+    box = query_box(store, scores.probs[:, c])
+    x, y, w, h = box
+    pos = tiles_in_shapes(store.coords, store.tile_l0, [[[x, y], [x + w, y + h]]])
+    query = build_query(store.embeddings, pos)
+    found = search_stores(query, [store_path], model=store.signature["model"], k=k,
+                          exclude={store_path: pos})  # fmt: skip
+    fig_sim = heatmap_figure(
+        slide, heatmap(similarity(store.embeddings, query), geometry), out_dir / "search.png",
+        ["cosine similarity to the query tile (cyan); top matches (green)"],
+        warning=warning, boxes=[box], marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in found],
+    )  # fmt: skip
+    exports = [
+        export_store(store_path, out_dir / "export.zarr", overwrite=True),
+        export_store(store_path, out_dir / "tiles.geojson", overwrite=True),
+    ]
+    return DemoResult(
+        slide=slide, store=store_path, model=encoder.model_id, trained=encoder.trained,
+        label=pooled.label, scores=pooled.scores, query_box_l0=box,
+        matches=[m.__dict__ for m in found], figures=[fig_heat, fig_sim], exports=exports,
+    )  # fmt: skip
+
+
+def report(result: DemoResult) -> str:
+    lines = []
+    if not result.trained:
+        lines.append(UNTRAINED_BANNER)
+    lines.append(f"slide:        {result.slide}")
+    lines.append(f"model:        {result.model}{'' if result.trained else ' (UNTRAINED)'}")
+    lines.append(f"slide label:  {result.label}")
+    for name, v in sorted(result.scores.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<14} {v:.4f}")
+    lines.append(f"query tile (level-0 x, y, w, h): {result.query_box_l0}")
+    for rank, m in enumerate(result.matches[:5], 1):
+        lines.append(f"  match {rank}: x={m['x']} y={m['y']} similarity {m['similarity']:.4f}")
+    lines += [f"wrote {p}" for p in [*result.figures, *result.exports]]
+    lines.append(f"store:        {result.store}")
+    return "\n".join(lines)
+
+
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _print_progress(p: Any) -> None:
+    if p.stage == "done":
+        print(f"  {p.done} tiles in {p.elapsed:.1f} s ({p.rate:.1f} patches/s)")
+
+
+def summary_json(result: DemoResult) -> str:
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+    d["figures"] = [str(p) for p in result.figures]
+    d["exports"] = [str(p) for p in result.exports]
+    return json.dumps(d, indent=2)

@@ -1,0 +1,62 @@
+"""The demo's headless path and the examples run as scripts and write non-blank figures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _paths import CMU, need
+from PIL import Image
+
+from tilescope.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def offline_env(monkeypatch, tmp_path):
+    """No BiomedCLIP weights reachable: an empty HF cache, offline; the sample slide is local."""
+    monkeypatch.setenv("TILESCOPE_SAMPLE_SLIDE", str(need(CMU)))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    return tmp_path
+
+
+def assert_figure(path: Path) -> None:
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert img.std() > 10, f"{path} is blank"
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    assert ((r - g > 25) | (b - g > 25)).mean() > 0.05, f"{path} shows no colour"
+
+
+def test_demo_headless_falls_back_to_the_untrained_model_loudly(offline_env, capsys):
+    out = offline_env / "demo"
+    assert main(["demo", "--out", str(out)]) == 0  # no DISPLAY: headless
+    captured = capsys.readouterr()
+    assert "UNTRAINED" in captured.err and "UNTRAINED" in captured.out
+    assert "slide label:" in captured.out
+    for name in ("heatmap.png", "search.png"):
+        assert_figure(out / name)
+    assert (out / "export.zarr" / "zarr.json").exists()
+    assert (out / "tiles.geojson").stat().st_size > 100
+
+
+@pytest.mark.parametrize("script", ["prompt_heatmap.py", "region_search.py", "export.py"])
+def test_examples_run_headless(script, offline_env):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--headless", "--out",
+         str(offline_env / "ex")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "UNTRAINED" in proc.stdout + proc.stderr
+    pngs = list((offline_env / "ex").glob("*.png"))
+    assert script == "export.py" or pngs
+    for png in pngs:
+        assert_figure(png)
