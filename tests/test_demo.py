@@ -60,3 +60,30 @@ def test_examples_run_headless(script, offline_env):
     assert script == "export.py" or pngs
     for png in pngs:
         assert_figure(png)
+
+
+@pytest.mark.napari
+def test_demo_in_napari_shows_heatmaps_and_search(offline_env, monkeypatch, qtbot):
+    """The display path: napari opens with the slide, heatmaps, query, matches and widgets."""
+    import napari
+
+    from tilescope._napari._demo import launch
+
+    seen = {}
+
+    def capture(*_, **__):
+        viewer = napari.current_viewer()
+        seen["layers"] = [layer.name for layer in viewer.layers]
+        seen["docks"] = list(viewer.window.dock_widgets)
+        seen["shot"] = viewer.screenshot(canvas_only=True, flash=False)
+        viewer.close()
+
+    monkeypatch.setattr(napari, "run", capture)
+    assert launch(need(CMU), offline_env / "gui", None, None) == 0
+    names = " ".join(seen["layers"])
+    assert "CMU-1-Small-Region.svs" in names and "Tilescope query" in names
+    assert "similarity [UNTRAINED]" in names and "winning class [UNTRAINED]" in names
+    assert any(n.startswith("p(") for n in seen["layers"])
+    assert {"Prompt heatmap (tilescope)", "Region search (tilescope)"} <= set(seen["docks"])
+    shot = seen["shot"][..., :3].astype(int)
+    assert shot.std() > 10

@@ -180,5 +180,17 @@ def test_incomplete_store_searches_done_rows_only(tmp_path: Path) -> None:
 
 
 def test_empty_folder(tmp_path: Path) -> None:
-    with pytest.raises(SearchError, match="no \\*.zarr"):
+    with pytest.raises(SearchError, match="no Tilescope embedding stores"):
         search_stores(np.ones(D), tmp_path, model=MODEL)
+
+
+def test_folder_search_skips_exports_with_a_warning(tmp_path: Path) -> None:
+    from tilescope.export import export_store
+
+    folder = tmp_path / "stores"
+    p1 = make_store(folder / "a.zarr", random_embeddings(10))
+    export_store(p1, folder / "a-export.zarr")
+    q = random_embeddings(1)[0]
+    with pytest.warns(UserWarning, match="a-export.zarr"):
+        matches = search_stores(q, folder, model=MODEL, k=3)
+    assert {m.store for m in matches} == {str(p1)}

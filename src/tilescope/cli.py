@@ -239,11 +239,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slide = demo.demo_slide(args.slide, out)
-    encoder = demo.demo_encoder(args.model, args.device)
     if not args.headless and demo.has_display():
         from ._napari._demo import launch
 
-        return launch(slide, out, encoder)
+        return launch(slide, out, args.model, args.device)
+    encoder = demo.demo_encoder(args.model, args.device)
     result = demo.run_headless(slide, out, encoder)
     print(demo.report(result))
     return 0

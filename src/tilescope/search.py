@@ -6,6 +6,8 @@ order) to level-0 pixels is the caller's job: ``xy = shape[:, ::-1] / level0_mpp
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SearchError
-from .store import MODEL_IDENTITY_KEYS, EmbeddingStore
+from .store import FORMAT_NAME, MODEL_IDENTITY_KEYS, EmbeddingStore
 
 __all__ = [
     "Match",
@@ -234,13 +236,27 @@ def search_stores(
     return [t[3] for t in found[:k]]
 
 
+def _is_embedding_store(path: Path) -> bool:
+    """A folder whose zarr.json carries a Tilescope embeddings signature (cheap: one JSON)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("attributes", {}).get("tilescope", {}).get("format") == FORMAT_NAME
+
+
 def _store_paths(stores: str | PathLike[str] | Sequence[str | PathLike[str]]) -> list[Path]:
     if isinstance(stores, (str, PathLike)):
         p = Path(stores)
         if p.is_dir() and p.suffix != ".zarr" and not (p / "zarr.json").exists():
-            found = sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir())
+            candidates = sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir())
+            found = [c for c in candidates if _is_embedding_store(c)]
+            if len(found) < len(candidates):
+                other = ", ".join(c.name for c in candidates if c not in found)
+                warnings.warn(f"{p}: skipped zarr folders that are not embedding stores "
+                              f"(exports?): {other}", stacklevel=3)  # fmt: skip
             if not found:
-                raise SearchError(f"{p}: no *.zarr embedding stores in this folder")
+                raise SearchError(f"{p}: no Tilescope embedding stores (*.zarr) in this folder")
             return found
         return [p]
     paths = [Path(s) for s in stores]

@@ -1,0 +1,102 @@
+"""The demo in napari: the slide, prompt heatmaps and a region search, with the widgets docked.
+
+`launch` embeds first (terminal progress bar), then opens the viewer with everything computed,
+so the user starts from a full picture and carries on with the widgets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..demo import DEFAULT_PROMPTS, TEMPLATES, UNTRAINED_BANNER, demo_encoder, query_box
+from ..embed import embed_slide, store_path_for
+from ..models import DEFAULT_MODEL
+from ._common import _preload_triton, notify_warning, open_store, register_encoder
+from ._layers import SlideFrame
+from ._reader import read_slides
+
+PLUGIN = "tilescope"
+
+
+def slide_layer(viewer: Any, slide: Path, store_path: Path) -> Any:
+    """The slide's layer in `viewer` (opened if needed), linked to its embedding store."""
+    for layer in viewer.layers:
+        if layer.metadata.get("tilescope", {}).get("path") == str(slide):
+            break
+    else:
+        data, kwargs, _ = read_slides(str(slide))[0]
+        layer = viewer.add_image(data, **kwargs)
+    layer.metadata["tilescope"]["store"] = str(store_path)
+    return layer
+
+
+def show_heatmaps(
+    viewer: Any, slide: Path, store_path: Path, encoder: Any, prompts: str = DEFAULT_PROMPTS
+) -> Any:
+    """Dock *Prompt heatmap*, fill in `prompts`, and score: heatmaps and the slide label."""
+    register_encoder(encoder)
+    layer = slide_layer(viewer, slide, store_path)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Prompt heatmap")
+    widget.reset_choices()
+    widget._slide.value = layer
+    widget._prompts.value = prompts
+    widget._templates.value = "; ".join(TEMPLATES)
+    widget.apply(widget.compute(widget.request()))
+    return widget
+
+
+def show_search(
+    viewer: Any, slide: Path, store_path: Path, box_l0: tuple[float, float, float, float]
+) -> Any:
+    """Dock *Region search*, draw `box_l0` (level-0 x, y, w, h) as the query and search."""
+    layer = slide_layer(viewer, slide, store_path)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Region search")
+    widget.reset_choices()
+    widget._slide.value = layer
+    x, y, w, h = box_l0
+    corners = SlideFrame.of_layer(layer).l0_to_world([[x, y], [x + w, y + h]])
+    widget.query_layer().add_rectangles([corners])
+    widget.apply(widget.compute(widget.request()))
+    return widget
+
+
+def _demo_query(store_path: Path, encoder: Any) -> tuple[int, int, int, int]:
+    """The demo's query: the tile most typical of the slide label (as in the headless demo)."""
+    from ..score import PromptSet, score_store
+
+    store = open_store(store_path)
+    prompts = PromptSet.parse(DEFAULT_PROMPTS, templates=TEMPLATES)
+    scores, pooled = score_store(store, prompts, encoder.encode_text, encoder.logit_scale)
+    return query_box(store, scores.probs[:, prompts.class_names.index(pooled.label)])
+
+
+def launch(slide: Path, out: Path, model: str | None, device: str | None) -> int:
+    """Embed `slide` into `out`, open napari with heatmaps and a search; blocks until closed."""
+    import napari
+    from tqdm import tqdm
+
+    _preload_triton()  # before torch: see _common._preload_triton
+    encoder = demo_encoder(model, device)
+    store_path = store_path_for(slide, out)
+    with tqdm(desc=f"embedding {slide.name}", unit="patch") as bar:
+
+        def progress(p: Any) -> None:
+            bar.total, bar.n = p.total, p.done
+            bar.refresh()
+
+        embed_slide(slide, store_path, encoder=encoder, progress=progress)
+    viewer = napari.Viewer(title="Tilescope demo" + ("" if encoder.trained else " [UNTRAINED]"))
+    embed_dock, embed = viewer.window.add_plugin_dock_widget(PLUGIN, "Embed slide")
+    viewer.window.add_plugin_dock_widget(PLUGIN, "Export embeddings", tabify=True)
+    embed_dock.raise_()  # the Embed tab in front
+    show_heatmaps(viewer, slide, store_path, encoder)
+    show_search(viewer, slide, store_path, _demo_query(store_path, encoder))
+    embed._out_dir.value = out  # embedding again from the widget reuses the demo's store
+    name = "biomedclip" if encoder.model_id == DEFAULT_MODEL else encoder.model_id
+    if name in embed._model.choices:
+        embed._model.value = name
+    if not encoder.trained:
+        notify_warning(UNTRAINED_BANNER)
+    napari.run()
+    return 0

@@ -1,0 +1,126 @@
+"""The *Export embeddings* widget: a slide's store as plain zarr or GeoJSON tiles, in a worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.types import FileDialogMode
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+
+from ..errors import TilescopeError
+from ..export import export_store
+from ._common import notify_error, notify_info, require_store, slide_layers, start_worker
+
+if TYPE_CHECKING:
+    import napari
+
+SUFFIX = {"zarr": ".zarr", "geojson": ".geojson"}
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    store_path: Path
+    out: Path
+    dtype: str = "float16"
+    fmt: str = "zarr"
+    include_scores: bool = True
+    overwrite: bool = False
+
+
+class ExportWidget(Container):
+    """Export the embeddings (and saved scores) of the chosen slide for other tools.
+
+    Parts: ``_slide``, ``_out``, ``_dtype``, ``_format``, ``_scores``, ``_overwrite``, ``_run``,
+    ``_status``. ``synchronous = True`` runs the button inline (tests).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self.synchronous = False
+        self._slide = ComboBox(label="slide", choices=self._slide_choices)
+        self._format = ComboBox(label="format", choices=["zarr", "geojson"], value="zarr")
+        self._dtype = ComboBox(label="dtype", choices=["float16", "float32"], value="float16")
+        self._out = FileEdit(label="output", mode=FileDialogMode.OPTIONAL_FILE)
+        self._scores = CheckBox(text="include saved scores", value=True)
+        self._overwrite = CheckBox(text="overwrite an existing output")
+        self._run = PushButton(text="Export")
+        self._status = Label(value="")
+        self.extend(
+            [self._slide, self._format, self._dtype, self._out, self._scores, self._overwrite,
+             self._run, self._status]
+        )  # fmt: skip
+        self._suggested: Path | None = None
+        self._run.changed.connect(self._on_run)
+        self._slide.changed.connect(self._suggest_out)
+        self._format.changed.connect(self._suggest_out)
+        self._format.changed.connect(self._sync_enabled)
+        viewer.layers.events.inserted.connect(self._slide.reset_choices)
+        viewer.layers.events.removed.connect(self._slide.reset_choices)
+        self.last_output: Path | None = None
+        self._suggest_out()
+
+    def _slide_choices(self, _: Any = None) -> list[tuple[str, Any]]:
+        return [(ly.name, ly) for ly in slide_layers(self._viewer)]
+
+    def _sync_enabled(self, _: Any = None) -> None:
+        self._dtype.enabled = self._format.value == "zarr"
+
+    def _suggest_out(self, _: Any = None) -> None:
+        """Propose ``<store folder>/exports/<slide>.<fmt>`` unless the user chose a path."""
+        current = Path(str(self._out.value)) if str(self._out.value) not in ("", ".") else None
+        if current is not None and current != self._suggested:
+            if current.suffix in SUFFIX.values():  # keep the user's path, follow the format
+                self._out.value = current.with_suffix(SUFFIX[str(self._format.value)])
+            return
+        try:
+            store = require_store(self._slide.value)
+        except TilescopeError:
+            return
+        stem = store.name.removesuffix(".zarr")  # in a subfolder: not taken for a store when
+        exports = store.parent / "exports"  # the stores' folder is searched
+        self._suggested = exports / f"{stem}{SUFFIX[str(self._format.value)]}"
+        self._out.value = self._suggested
+
+    # -- the work, usable synchronously in tests ---------------------------------------------
+    def request(self) -> ExportRequest:
+        store = require_store(self._slide.value)
+        if self._out.value is None or str(self._out.value) in ("", "."):
+            self._suggest_out()
+        out = Path(str(self._out.value))
+        return ExportRequest(
+            store, out, str(self._dtype.value), str(self._format.value),
+            bool(self._scores.value), bool(self._overwrite.value),
+        )  # fmt: skip
+
+    def compute(self, req: ExportRequest) -> Path:
+        req.out.parent.mkdir(parents=True, exist_ok=True)
+        return export_store(
+            req.store_path, req.out, dtype=req.dtype, fmt=req.fmt,  # type: ignore[arg-type]
+            scores=None if req.include_scores else [], overwrite=req.overwrite,
+        )  # fmt: skip
+
+    def apply(self, out: Path) -> None:
+        self.last_output = Path(out)
+        self._status.value = f"written: {out}"
+        notify_info(f"embeddings exported to {out}")
+
+    # -- Qt side ------------------------------------------------------------------------------
+    def _on_run(self, _: Any = None) -> None:
+        try:
+            req = self.request()
+        except Exception as exc:
+            self._on_error(exc)
+            return
+        self._run.enabled = False
+        self._status.value = f"exporting to {req.out} ..."
+        start_worker(
+            self.compute, req, returned=self.apply, errored=self._on_error,
+            finished=lambda: setattr(self._run, "enabled", True), sync=self.synchronous,
+        )  # fmt: skip
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._status.value = f"error: {exc}"
+        notify_error(exc)

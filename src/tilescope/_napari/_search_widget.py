@@ -1,0 +1,371 @@
+"""The *Region search* widget: draw "like this" (and "not like this") regions, see every place
+on the slide, or on other embedded slides, that looks like them.
+
+The query is built by `tilescope.search` from the stored embeddings of the tiles whose centre
+lies inside the drawn shapes; the widget only turns shapes into level-0 polygons and results
+into layers (a similarity heatmap and numbered rectangles of the top matches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.types import FileDialogMode
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+    Table,
+)
+
+from ..errors import SearchError
+from ..score import TileGeometry, heatmap
+from ..search import Match, build_query, search_stores, similarity, tiles_in_shapes, top_k
+from ._common import (
+    UNTRAINED_TAG,
+    camera_of,
+    notify_error,
+    notify_info,
+    open_store,
+    require_store,
+    row,
+    slide_layers,
+    start_worker,
+)
+from ._layers import (
+    LayerData,
+    SlideFrame,
+    finite_limits,
+    heatmap_layer,
+    matches_layer,
+    put_layers,
+    shapes_to_world_polygons,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+QUERY_LAYER = "Tilescope query"
+NEGATIVE_LAYER = "Tilescope not like this"
+MATCHES_LAYER = "Tilescope matches"
+ROLE = "region-search"
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Drawn regions as level-0 (x, y) polygons and the search options."""
+
+    store_path: Path
+    frame: SlideFrame
+    positive: list[np.ndarray]
+    negative: list[np.ndarray] = field(default_factory=list)
+    neg_weight: float = 1.0
+    k: int = 10
+    exclude_query: bool = False
+
+
+@dataclass
+class SearchResult:
+    """The query, the ranked matches (best first) and the layers that show them."""
+
+    request: SearchRequest
+    query: np.ndarray
+    query_idx: np.ndarray
+    match_idx: np.ndarray
+    match_sim: np.ndarray
+    centres: np.ndarray  # (k, 2) world (row, col) of each match's centre
+    tile_world: float  # tile side in world units
+    model: dict[str, Any]
+    layers: list[LayerData]
+
+
+class RegionSearchWidget(Container):
+    """Find tiles that look like drawn regions, on this slide and across a folder of stores.
+
+    Parts: ``_slide``, ``_positive`` / ``_negative`` (shapes layers), ``_draw`` /
+    ``_draw_negative``, ``_neg_weight``, ``_k``, ``_exclude``, ``_search``, ``_prev``,
+    ``_next``, ``_zoom``, ``_match`` (current match), ``_folder``, ``_search_folder``,
+    ``_results`` (matches on other slides), ``_status``. ``synchronous = True`` runs button
+    presses inline (tests).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self.synchronous = False
+        self._slide = ComboBox(label="slide", choices=self._slide_choices)
+        self._positive = ComboBox(label="like this", choices=self._shape_choices)
+        self._negative = ComboBox(label="not like this", choices=self._negative_choices)
+        self._draw = PushButton(text="Draw 'like this'")
+        self._draw_negative = PushButton(text="Draw 'not like this'")
+        self._neg_weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=5.0, step=0.1)
+        self._neg_weight.tooltip = "How strongly 'not like this' pushes the query away"
+        self._k = SpinBox(label="matches", value=10, min=1, max=1000)
+        self._exclude = CheckBox(text="leave query tiles out")
+        self._search = PushButton(text="Search this slide")
+        self._prev = PushButton(text="< Previous")
+        self._next = PushButton(text="Next >")
+        self._zoom = CheckBox(text="zoom to each match", value=True)
+        self._match = Label(value="")
+        self._folder = FileEdit(label="other slides", mode=FileDialogMode.EXISTING_DIRECTORY)
+        self._folder.tooltip = "A folder of .zarr embedding stores made with the same model"
+        self._search_folder = PushButton(text="Search other slides")
+        self._results = Table(columns=("slide", "x", "y", "similarity"))
+        self._results.read_only = True
+        self._results.native.verticalHeader().setDefaultSectionSize(20)
+        self._results.native.setMinimumHeight(64)
+        self._status = Label(value="")
+        negative = row(self._negative, self._neg_weight, labels=True)
+        negative.label, self._negative.label = "not like this", ""
+        k = row(self._k, self._zoom, labels=True)
+        k.label, self._k.label, self._zoom.label = "matches", "", ""
+        self.extend(
+            [self._slide, row(self._draw, self._draw_negative), self._positive, negative, k,
+             row(self._search, self._exclude), row(self._prev, self._next, self._match),
+             self._folder, self._search_folder, self._results, self._status]
+        )  # fmt: skip
+        self._draw.changed.connect(lambda: self.draw_layer(QUERY_LAYER))
+        self._draw_negative.changed.connect(lambda: self.draw_layer(NEGATIVE_LAYER))
+        self._search.changed.connect(self._on_search)
+        self._search_folder.changed.connect(self._on_search_folder)
+        self._prev.changed.connect(lambda: self.step(-1))
+        self._next.changed.connect(lambda: self.step(+1))
+        self._results.native.cellDoubleClicked.connect(self._on_result_clicked)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            event.connect(self.reset_choices)
+        self.last_result: SearchResult | None = None
+        self.other_matches: list[Match] = []
+        self.current = -1
+        if slide_layers(viewer):
+            self.query_layer()
+        self._step_enabled()
+
+    def _slide_choices(self, _: Any = None) -> list[tuple[str, Any]]:
+        return [(ly.name, ly) for ly in slide_layers(self._viewer)]
+
+    def _shape_choices(self, _: Any = None) -> list[tuple[str, Any]]:
+        from napari.layers import Shapes
+
+        return [
+            (ly.name, ly)
+            for ly in self._viewer.layers
+            if isinstance(ly, Shapes) and ly.metadata.get("tilescope", {}).get("role") != ROLE
+        ]
+
+    def _negative_choices(self, _: Any = None) -> list[tuple[str, Any]]:
+        return [("(none)", None), *self._shape_choices()]
+
+    # -- query layers -------------------------------------------------------------------------
+    def query_layer(self, name: str = QUERY_LAYER) -> Any:
+        """The shapes layer called `name`, created (in world µm, over the slide) if absent."""
+        if name in self._viewer.layers:
+            return self._viewer.layers[name]
+        slide = self._slide.value
+        units = SlideFrame.of_layer(slide).units if slide is not None else ("pixel", "pixel")
+        negative = name == NEGATIVE_LAYER
+        color = "tomato" if negative else "yellow"
+        layer = self._viewer.add_shapes(
+            name=name, ndim=2, edge_color=color, face_color=[0, 0, 0, 0], edge_width=8.0,
+            units=units, metadata={"tilescope": {"role": "query"}},
+        )  # fmt: skip
+        self.reset_choices()
+        (self._negative if negative else self._positive).value = layer
+        return layer
+
+    def draw_layer(self, name: str) -> None:
+        """Select the query layer `name` and switch to drawing rectangles."""
+        layer = self.query_layer(name)
+        self._viewer.layers.selection.active = layer
+        layer.mode = "add_rectangle"
+
+    # -- the work, usable synchronously in tests ---------------------------------------------
+    def request(self) -> SearchRequest:
+        layer = self._slide.value
+        store_path = require_store(layer)
+        frame = SlideFrame.of_layer(layer)
+        pos_layer = self._positive.value or self.query_layer()
+        positive = [frame.world_to_l0(p) for p in shapes_to_world_polygons(pos_layer)]
+        if not positive:
+            raise SearchError(
+                f"draw a region (rectangle, polygon or ellipse) on the {pos_layer.name!r} "
+                "layer first: press 'Draw like this' and drag over the tissue you want"
+            )
+        neg_layer = self._negative.value
+        negative = (
+            [frame.world_to_l0(p) for p in shapes_to_world_polygons(neg_layer)]
+            if neg_layer is not None and neg_layer is not pos_layer
+            else []
+        )
+        return SearchRequest(
+            store_path, frame, positive, negative, float(self._neg_weight.value),
+            int(self._k.value), bool(self._exclude.value),
+        )  # fmt: skip
+
+    def compute(self, req: SearchRequest) -> SearchResult:
+        """Tiles under the shapes -> query -> similarity of every tile -> top matches."""
+        store = open_store(req.store_path)
+        done = store.done
+        emb = store.embeddings
+        pos = tiles_in_shapes(store.coords, store.tile_l0, req.positive)
+        pos = pos[done[pos]]
+        neg = tiles_in_shapes(store.coords, store.tile_l0, req.negative) if req.negative else None
+        query = build_query(emb, pos, None if neg is None else neg[done[neg]], req.neg_weight)
+        sim = np.where(done, similarity(emb, query), np.nan)
+        skip = ~done
+        if req.exclude_query:
+            skip[pos] = True
+        top = top_k(sim, req.k, exclude=skip)
+        model = store.signature["model"]
+        tag = "" if model.get("trained", True) else UNTRAINED_TAG
+        meta = {"role": ROLE, "store": str(store.path)}
+        xy = store.coords[top]
+        features = {
+            "rank": np.arange(1, len(top) + 1),
+            "similarity": sim[top].astype(np.float64),
+            "slide": [store.slide_name] * len(top),
+            "x": xy[:, 0].astype(np.int64) if len(top) else np.zeros(0, np.int64),
+            "y": xy[:, 1].astype(np.int64) if len(top) else np.zeros(0, np.int64),
+        }
+        hm = heatmap(sim, TileGeometry.from_store(store))
+        layers = [
+            heatmap_layer(hm, req.frame, f"similarity{tag}", colormap="turbo",
+                          contrast_limits=finite_limits(hm.raster), metadata=meta),
+            matches_layer(xy, store.tile_l0, req.frame, features, f"{MATCHES_LAYER}{tag}",
+                          metadata=meta),
+        ]  # fmt: skip
+        centres = req.frame.tile_centres(xy, store.tile_l0)
+        tile_world = store.tile_l0 * float(np.mean(req.frame.scale))
+        return SearchResult(req, query, pos, top, sim[top], centres, tile_world, model, layers)
+
+    def apply(self, result: SearchResult) -> list[Any]:
+        """Add or update the similarity and matches layers; go to the best match."""
+        added = put_layers(self._viewer, result.layers, ROLE)
+        self.last_result = result
+        self.current = -1
+        n = len(result.match_idx)
+        self._status.value = f"query of {len(result.query_idx)} tiles: {n} matches"
+        self._step_enabled()
+        if n:
+            self.show_match(0)
+        else:
+            self._match.value = "no other embedded tiles to match"
+        return added
+
+    def show_match(self, i: int) -> None:
+        """Centre the camera on match `i` (0 = best), highlight it and describe it."""
+        res = self.last_result
+        if res is None or not len(res.match_idx):
+            return
+        self.current = i = int(np.clip(i, 0, len(res.match_idx) - 1))
+        camera_of(self._viewer).center = tuple(float(v) for v in res.centres[i])
+        if self._zoom.value:
+            self._zoom_to_tile()
+        name = res.layers[1][1]["name"]
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            colors = np.tile([0.0, 1.0, 1.0, 1.0], (len(layer.data), 1))
+            colors[i] = [1.0, 0.0, 1.0, 1.0]  # magenta: the query layer is yellow
+            layer.edge_color = colors
+        f = res.layers[1][1]["features"]
+        self._match.value = f"match {i + 1}/{len(res.match_idx)}: {f['similarity'][i]:.3f}"
+        self._match.tooltip = (
+            f"similarity {f['similarity'][i]:.4f}, tile at level-0 x={f['x'][i]}, y={f['y'][i]} px"
+        )
+        self._step_enabled()
+
+    def step(self, delta: int) -> None:
+        self.show_match(self.current + delta)
+
+    def _zoom_to_tile(self) -> None:
+        """Zoom so a tile spans about a sixth of the canvas (never zooming out of a closer view)."""
+        res = self.last_result
+        canvas_model = getattr(self._viewer, "canvas", None)  # napari >= 0.9: viewer.canvas.size
+        canvas = getattr(canvas_model, "size", None) or getattr(self._viewer, "_canvas_size", None)
+        if res is None or not canvas or min(canvas) <= 0:
+            return
+        zoom = min(canvas) / (6 * res.tile_world)
+        camera_of(self._viewer).zoom = max(camera_of(self._viewer).zoom, zoom)
+
+    def _step_enabled(self) -> None:
+        n = 0 if self.last_result is None else len(self.last_result.match_idx)
+        self._prev.enabled = self.current > 0
+        self._next.enabled = self.current < n - 1
+
+    # -- other slides -------------------------------------------------------------------------
+    def compute_folder(self, folder: Path, k: int) -> list[Match]:
+        """The last query over every store in `folder` (refused if made by another model)."""
+        res = self.last_result
+        if res is None:
+            raise SearchError("search this slide first: the query comes from the drawn region")
+        exclude: dict[str | PathLike[str], np.ndarray] | None = None
+        if res.request.exclude_query:
+            exclude = {res.request.store_path: res.query_idx}
+        return search_stores(res.query, folder, model=res.model, k=k, exclude=exclude)
+
+    def apply_folder(self, matches: list[Match]) -> None:
+        from qtpy.QtWidgets import QHeaderView
+
+        self.other_matches = matches
+        self._results.value = {
+            "data": [[m.slide_name, m.x, m.y, f"{m.similarity:.3f}"] for m in matches],
+            "index": [str(i) for i in range(1, len(matches) + 1)],
+            "columns": ["slide", "x", "y", "similarity"],
+        }
+        header = self._results.native.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)  # the slide name
+        slides = len({m.store for m in matches})
+        self._status.value = f"{len(matches)} matches on {slides} slide(s)"
+        notify_info(f"{len(matches)} matches on {slides} slide(s); double-click one on this slide")
+
+    # -- Qt side ------------------------------------------------------------------------------
+    def _on_search(self, _: Any = None) -> None:
+        try:
+            req = self.request()
+        except Exception as exc:
+            self._on_error(exc)
+            return
+        self._status.value = "searching ..."
+        self._search.enabled = False
+        start_worker(
+            self.compute, req, returned=self.apply, errored=self._on_error,
+            finished=lambda: setattr(self._search, "enabled", True), sync=self.synchronous,
+        )  # fmt: skip
+
+    def _on_search_folder(self, _: Any = None) -> None:
+        folder = Path(str(self._folder.value))
+        if not str(self._folder.value) or not folder.is_dir():
+            self._on_error(SearchError(f"{folder}: choose a folder of .zarr embedding stores"))
+            return
+        self._status.value = f"searching {folder} ..."
+        self._search_folder.enabled = False
+        start_worker(
+            self.compute_folder, folder, int(self._k.value), returned=self.apply_folder,
+            errored=self._on_error, sync=self.synchronous,
+            finished=lambda: setattr(self._search_folder, "enabled", True),
+        )  # fmt: skip
+
+    def _on_result_clicked(self, row: int, _column: int = 0) -> None:
+        """Go to a match of the other-slides list when it is on the slide shown."""
+        res = self.last_result
+        if res is None or not 0 <= row < len(self.other_matches):
+            return
+        m = self.other_matches[row]
+        if Path(m.store).resolve() != Path(res.request.store_path).resolve():
+            notify_info(f"match {row + 1} is on {m.slide_name}: open that slide to see it")
+            return
+        centre = res.request.frame.tile_centres(np.array([[m.x, m.y]]), m.tile_l0)[0]
+        camera_of(self._viewer).center = tuple(float(v) for v in centre)
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._status.value = f"error: {exc}"
+        notify_error(exc)
