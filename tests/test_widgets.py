@@ -9,7 +9,6 @@ the level-0 corner coordinate u (pixel i covers [i, i + 1)) is at ``translate + 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +132,14 @@ def test_heatmap_averages_overlapping_tiles_and_updates_in_place(viewer_cmu, qtb
     widget.synchronous = True
     widget._prompts.value = DEFAULT_PROMPTS.replace("background: ", "necrosis: ")
     widget._templates.value = "a photomicrograph of {}; {}"
-    t0 = time.perf_counter()
-    widget._run.native.click()
-    assert time.perf_counter() - t0 < 1.0, "re-scoring should run the text tower only"
+    encoder = get_encoder("tiny-random")
+
+    def no_image_tower(*_: object) -> None:
+        raise AssertionError("re-scoring ran the image tower; it must use stored embeddings")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(encoder, "encode_images", no_image_tower)
+        widget._run.native.click()
     assert viewer.layers["p(stroma) [UNTRAINED]"] is layer
     assert "p(background) [UNTRAINED]" not in viewer.layers
     assert "p(necrosis) [UNTRAINED]" in viewer.layers
@@ -248,9 +252,7 @@ def test_embed_cancel_keeps_rows_and_resumes(make_napari_viewer, qtbot, tmp_path
     widget._run.native.click()
     qtbot.waitUntil(lambda: widget._pbar is not None and widget._pbar.n > 0, timeout=60_000)
     widget._cancel.native.click()
-    t0 = time.perf_counter()
-    qtbot.waitUntil(lambda: widget._run.enabled, timeout=20_000)
-    assert time.perf_counter() - t0 < 10
+    qtbot.waitUntil(lambda: widget._run.enabled, timeout=20_000)  # stops after one batch
     assert widget._status.value.startswith("cancelled")
     path = tmp_path / f"{synth_05.path.stem}.zarr"
     store = EmbeddingStore.open(path)
