@@ -17,6 +17,8 @@ def capture(*_: object, **__: object) -> None:
     viewer.window._qt_window.resize(1500, 950)
     for _ in range(20):
         QApplication.processEvents()
+    viewer.reset_view()
+    QApplication.processEvents()
     viewer.screenshot(sys.argv[1], canvas_only=False, flash=False)
     viewer.close()
 

@@ -87,15 +87,16 @@ def launch(slide: Path, out: Path, model: str | None, device: str | None) -> int
 
         embed_slide(slide, store_path, encoder=encoder, progress=progress)
     viewer = napari.Viewer(title="Tilescope demo" + ("" if encoder.trained else " [UNTRAINED]"))
-    embed_dock, embed = viewer.window.add_plugin_dock_widget(PLUGIN, "Embed slide")
-    viewer.window.add_plugin_dock_widget(PLUGIN, "Export embeddings", tabify=True)
-    embed_dock.raise_()  # the Embed tab in front
+    viewer.window.add_plugin_dock_widget(PLUGIN, "Export embeddings")
+    # tabified with Export; the tab added last is the one in front
+    _, embed = viewer.window.add_plugin_dock_widget(PLUGIN, "Embed slide", tabify=True)
     show_heatmaps(viewer, slide, store_path, encoder)
     show_search(viewer, slide, store_path, _demo_query(store_path, encoder))
     embed._out_dir.value = out  # embedding again from the widget reuses the demo's store
     name = "biomedclip" if encoder.model_id == DEFAULT_MODEL else encoder.model_id
     if name in embed._model.choices:
         embed._model.value = name
+    viewer.reset_view()  # the whole slide with the matches (Next/Previous zoom in)
     if not encoder.trained:
         notify_warning(UNTRAINED_BANNER)
     napari.run()
