@@ -185,6 +185,21 @@ def bench_stream(path: Path, layout: Any, idx: np.ndarray, args: Any) -> dict[st
     return result
 
 
+def bench_open(path: Path) -> dict[str, Any]:
+    """Opening the 100k slide as napari's reader does: metadata and lazy levels, no pixels."""
+    from tilescope._napari._reader import read_slides
+
+    rss0 = _rss_mib()
+    t0 = time.perf_counter()
+    data, _, _ = read_slides(str(path))[0]
+    t1 = time.perf_counter()
+    return {
+        "open_seconds_100k": round(t1 - t0, 4),
+        "open_rss_growth_mib_100k": round(_rss_mib() - rss0, 1),
+        "open_levels_100k": [list(level.shape[:2]) for level in data],
+    }
+
+
 def bench_grid(path: Path) -> dict[str, Any]:
     with Slide(path) as slide:
         t0 = time.perf_counter()
@@ -261,7 +276,9 @@ def main() -> None:
         "python": platform.python_version(),
     }
     if not args.skip_100k:
-        out.update(bench_grid(big_blank_slide(args.cache_dir)))
+        big = big_blank_slide(args.cache_dir)
+        out.update(bench_open(big))
+        out.update(bench_grid(big))
         out["grid_seconds_100k"] = round(out["grid_seconds_100k"], 3)
         out["grid_tissue_seconds_100k"] = round(out["grid_tissue_seconds_100k"], 3)
         out["grid_layout_seconds_100k"] = round(out["grid_layout_seconds_100k"], 4)

@@ -291,3 +291,31 @@ def test_long_prompt_warns_and_is_truncated(tiny_encoder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_encoder.encode_text(["tumour infiltrating lymphocytes"])
+
+
+def test_text_padding_trim_and_cache_do_not_change_embeddings(tiny_encoder) -> None:
+    """Cutting the padding of the 256-token context (BERT masks it) gives the same vectors,
+    and cached prompts come back unchanged; only new prompts reach the text tower."""
+    import torch
+
+    prompts = ["an H&E image of tumor", "a histopathology image of dense lymphocytic infiltrate"]
+    tokens = tiny_encoder.tokenize(prompts)
+    assert tokens.shape[1] == tiny_encoder.context_length
+    with torch.inference_mode():
+        full = tiny_encoder.model.encode_text(tokens, normalize=True).numpy()
+    got = tiny_encoder.encode_text(prompts)
+    np.testing.assert_allclose(got, full, atol=1e-5)
+    seen = []
+    real = tiny_encoder._encode_text_uncached
+
+    def spy(batch):
+        seen.append(list(batch))
+        return real(batch)
+
+    tiny_encoder._encode_text_uncached = spy
+    try:
+        again = tiny_encoder.encode_text([prompts[1], "an H&E image of necrosis", prompts[0]])
+    finally:
+        del tiny_encoder._encode_text_uncached
+    assert seen == [["an H&E image of necrosis"]]
+    np.testing.assert_array_equal(again[[2, 0]], got)

@@ -57,3 +57,17 @@ def test_reader_returns_none_for_non_slides(tmp_path, content):
         path.write_bytes(content)
     assert napari_get_reader(str(path)) is None
     assert napari_get_reader(str(tmp_path / "image.png")) is None
+
+
+def test_opening_reads_no_pixels(monkeypatch):
+    """The reader builds lazy levels only; pixels are read when napari slices what it shows."""
+    from tilescope._napari._reader import read_slides
+    from tilescope.slide import Slide
+
+    calls = []
+    real = Slide.read_region
+    monkeypatch.setattr(Slide, "read_region", lambda self, *a: calls.append(a) or real(self, *a))
+    data, kwargs, kind = read_slides(str(need(CMU)))[0]
+    assert kind == "image" and kwargs["multiscale"] and calls == []
+    tile = data[0][100:164, 200:264]  # napari asks for a region: only that is read
+    assert tile.shape == (64, 64, 3) and len(calls) == 1 and calls[0][2] == (64, 64)

@@ -8,13 +8,18 @@ tiles not at the model's size the resize + centre crop of open_clip's transform.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ModelError
+
+#: Prompt embeddings kept per encoder (a few hundred KB at 512-d).
+TEXT_CACHE_SIZE = 1024
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +114,8 @@ class Encoder:
         self._fill = float(pp.get("fill_color", 0))
         self._mean_t = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_lock = threading.Lock()  # widgets encode prompts from worker threads
         self._pinned: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -255,13 +262,45 @@ class Encoder:
         return None
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
-        """Embed prompts: float32 (P, embed_dim), unit L2 norm; truncation warns (`tokenize`)."""
+        """Embed prompts: float32 (P, embed_dim), unit L2 norm; truncation warns (`tokenize`).
+
+        Prompts seen before come from a small cache, so editing one class of a prompt set
+        encodes only that class. For Hugging Face text towers (BiomedCLIP's BERT) the trailing
+        padding of the 256-token context is cut before the forward pass: those towers mask
+        padding out, so the result is the same and short prompts cost a fraction.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with self._text_lock:
+            new = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+            if new:
+                for prompt, vec in zip(new, self._encode_text_uncached(new), strict=True):
+                    self._text_cache[prompt] = vec
+            out = np.zeros((len(prompts), self.embed_dim), np.float32)
+            for i, prompt in enumerate(prompts):
+                out[i] = self._text_cache[prompt]
+                self._text_cache.move_to_end(prompt)
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return out
+
+    def _encode_text_uncached(self, prompts: list[str]) -> np.ndarray:
         import torch
         import torch.nn.functional as F
 
-        tokens = self._tokenize(prompts, stacklevel=3)
+        tokens = self._tokenize(prompts, stacklevel=4)
         if len(tokens) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
+        tokens = self._trim_padding(tokens)
         with torch.inference_mode(), self._autocast():
             features = self.model.encode_text(tokens.to(self.device))
         return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def _trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop the columns that are padding in every prompt, for text towers that mask it."""
+        from open_clip.hf_model import HFTextEncoder
+
+        text = getattr(self.model, "text", None)
+        if not isinstance(text, HFTextEncoder):
+            return tokens  # open_clip's own text transformer pools by position: keep as is
+        used = (tokens != text.config.pad_token_id).any(dim=0).nonzero()
+        return tokens[:, : int(used.max()) + 1] if len(used) else tokens
