@@ -70,7 +70,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             continue
         bar = tqdm(desc=Path(slide).name, unit="patch", total=0, dynamic_ncols=True)
 
-        def report(p, bar=bar):  # type: ignore[no-untyped-def]
+        def report(p, bar=bar):
             bar.total = p.total
             bar.n = p.done
             bar.set_postfix_str(f"{p.stage}" + (f", {p.failed} failed" if p.failed else ""))

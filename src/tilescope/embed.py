@@ -213,7 +213,7 @@ def embed_slide(
                 gen.close()
                 return _partial_result(store_path, report, encoder)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value
 
 
 def _partial_result(store_path: Any, report: EmbedProgress, encoder: Any) -> EmbedResult:

@@ -233,7 +233,9 @@ class TileGeometry:
         cls, layout: Any, *, tile_px: int, overlap_px: int = 0, grid_rc: Any = None
     ) -> TileGeometry:
         """From a tile layout (object or mapping) and the grid's tile_px and overlap_px."""
-        get = layout.get if isinstance(layout, Mapping) else lambda k: getattr(layout, k)
+        get: Callable[[str], Any] = (
+            layout.get if isinstance(layout, Mapping) else lambda k: getattr(layout, k)
+        )
         rc = get("grid_rc") if grid_rc is None else grid_rc
         ox, oy = get("origin")
         rows, cols = get("grid_shape")

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .errors import SearchError
 from .store import FORMAT_NAME, MODEL_IDENTITY_KEYS, EmbeddingStore
@@ -28,9 +29,12 @@ __all__ = [
     "top_k",
 ]
 
+#: A store path type; a TypeVar so that e.g. a dict keyed by Path fits (Mapping keys are invariant).
+_PathT = TypeVar("_PathT", bound="str | PathLike[str]")
+
 
 def tiles_in_shapes(
-    coords: np.ndarray, tile_l0: float, shapes_l0: Iterable[np.ndarray]
+    coords: ArrayLike, tile_l0: float, shapes_l0: Iterable[ArrayLike]
 ) -> np.ndarray:
     """Indices (ascending) of tiles whose centre lies inside any of the shapes.
 
@@ -181,7 +185,7 @@ def search_stores(
     *,
     model: Mapping[str, Any],
     k: int = 20,
-    exclude: Mapping[str | PathLike[str], Sequence[int] | np.ndarray] | None = None,
+    exclude: Mapping[_PathT, Sequence[int] | np.ndarray] | None = None,
 ) -> list[Match]:
     """The `k` best-matching tiles over several stores, best first.
 

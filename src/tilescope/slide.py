@@ -193,7 +193,7 @@ class Slide:
     @cached_property
     def dimensions(self) -> tuple[int, int]:
         """(width, height) of level 0 in pixels."""
-        return tuple(self._osr.dimensions)  # type: ignore[return-value]
+        return tuple(self._osr.dimensions)
 
     @cached_property
     def level_count(self) -> int:
@@ -201,7 +201,7 @@ class Slide:
 
     @cached_property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(tuple(d) for d in self._osr.level_dimensions)  # type: ignore[misc]
+        return tuple(tuple(d) for d in self._osr.level_dimensions)
 
     @cached_property
     def level_downsamples(self) -> tuple[float, ...]:

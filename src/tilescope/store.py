@@ -47,7 +47,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -90,8 +90,9 @@ class EmbeddingStore:
         self.path = path
         self.read_only = read_only
         self._group = group
-        self._sig: dict[str, Any] = dict(group.attrs["tilescope"])  # type: ignore[arg-type]
-        self._arr = {name: group[name] for name in ARRAYS}
+        self._sig: dict[str, Any] = dict(cast(Mapping[str, Any], group.attrs["tilescope"]))
+        # _open_group checked that each of ARRAYS is an array
+        self._arr = {name: cast(zarr.Array, group[name]) for name in ARRAYS}
         self._staged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._emb_cache: np.ndarray | None = None
         self.flush_seconds = FLUSH_SECONDS
@@ -326,14 +327,17 @@ class EmbeddingStore:
         a list of ``{"index", "message"}``). They stay not done and are retried on resume."""
         self._check_writable()
         self.flush()
-        rows = [{"index": int(i), "message": str(m)} for i, m in failures]
+        rows: list[dict[str, int | str]] = [
+            {"index": int(i), "message": str(m)} for i, m in failures
+        ]
         self._group.attrs["tilescope_failures"] = rows
 
     @property
     def failures(self) -> list[tuple[int, str]]:
         """Tiles recorded by the last `record_failures`."""
         rows = self._group.attrs.get("tilescope_failures") or []
-        return [(int(r["index"]), str(r["message"])) for r in rows]  # type: ignore[index]
+        # JSON written by record_failures: a list of {"index": int, "message": str}
+        return [(int(r["index"]), str(r["message"])) for r in cast(list[dict[str, Any]], rows)]
 
     @staticmethod
     def is_complete(path: str | PathLike[str]) -> bool:
@@ -406,7 +410,7 @@ class EmbeddingStore:
         """Names of complete saved score sets, sorted."""
         if not (self.path / "scores" / "zarr.json").exists():
             return []
-        parent = _open_group(self.path, read_only=True)["scores"]
+        parent = cast(zarr.Group, _open_group(self.path, read_only=True)["scores"])
         return sorted(k for k, g in parent.groups() if "tilescope_scores" in g.attrs)
 
     def read_scores(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -414,9 +418,9 @@ class EmbeddingStore:
         if name not in self.score_names():
             have = ", ".join(self.score_names()) or "none"
             raise StoreError(f"{self.path}: no saved scores named {name!r} (saved: {have})")
-        group = _open_group(self.path, read_only=True)[f"scores/{name}"]
+        group = cast(zarr.Group, _open_group(self.path, read_only=True)[f"scores/{name}"])
         arrays = {k: np.asarray(a[:]) for k, a in group.arrays()}
-        return arrays, dict(group.attrs["tilescope_scores"])  # type: ignore[arg-type]
+        return arrays, dict(cast(Mapping[str, Any], group.attrs["tilescope_scores"]))
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -486,7 +490,7 @@ def _open_group(p: Path, *, read_only: bool) -> zarr.Group:
         group = zarr.open_group(
             LocalStore(p, read_only=True), mode="r", zarr_format=3, use_consolidated=False
         )
-        sig = group.attrs.get("tilescope")
+        sig: object = group.attrs.get("tilescope")  # any JSON; checked below
         arrays = dict(group.arrays())
     except Exception as exc:  # zarr raises many kinds for damaged metadata
         raise StoreCorruptError(f"{p}: not a readable zarr v3 group ({exc}); {hint}") from exc

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ class SyntheticSlide:
         with tifffile.TiffWriter(path, bigtiff=self.width * self.height > 2**31) as tw:
             for level, (h, w) in enumerate(shapes):
                 ds = self.level_factor**level
-                kwargs: dict[str, object] = {}
+                kwargs: dict[str, Any] = {}
                 if kind == "svs":
                     desc = (
                         f"Aperio Image Library v12.0.0\r\n{self.width}x{self.height} "

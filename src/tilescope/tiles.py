@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
@@ -68,7 +68,7 @@ def stream_tiles(
     on_error: str = "skip",
     indices: Sequence[int] | np.ndarray | None = None,
     slide_mpp: float | None = None,
-) -> Iterator[TileBatch]:
+) -> Generator[TileBatch, None, None]:
     """Yield the tiles of `layout` as uint8 batches in index order.
 
     Parameters
@@ -202,7 +202,9 @@ class _Reader:
         return TileBatch(chunk, images, failed)
 
 
-def _serial(reader: _Reader, chunks: list[np.ndarray], owned: bool) -> Iterator[TileBatch]:
+def _serial(
+    reader: _Reader, chunks: list[np.ndarray], owned: bool
+) -> Generator[TileBatch, None, None]:
     try:
         for chunk in chunks:
             yield reader.read(chunk)
@@ -213,7 +215,7 @@ def _serial(reader: _Reader, chunks: list[np.ndarray], owned: bool) -> Iterator[
 
 def _parallel(
     reader: _Reader, chunks: list[np.ndarray], num_workers: int, prefetch: int, owned: bool
-) -> Iterator[TileBatch]:
+) -> Generator[TileBatch, None, None]:
     """Workers claim chunks in order, never more than `prefetch` ahead of the consumer."""
     cond = threading.Condition()
     results: dict[int, TileBatch | BaseException] = {}

@@ -216,7 +216,7 @@ def start_worker(
             if finished is not None:
                 finished()
         return None
-    from superqt.utils import create_worker
+    from napari.qt.threading import create_worker  # superqt's, with napari's worker classes
 
     connect: dict[str, Any] = {"returned": returned, "errored": errored}
     if yielded is not None:

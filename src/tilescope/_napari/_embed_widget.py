@@ -128,7 +128,7 @@ class EmbedWidget(Container):
             while not self._cancel_event.is_set():
                 yield next(gen)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return stop.value
         finally:
             gen.close()
         return None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..score import Heatmap
 
@@ -70,7 +71,7 @@ class SlideFrame:
         u = (rc - np.asarray(self.translate)) / np.asarray(self.scale) + 0.5
         return u[:, ::-1]
 
-    def l0_to_world(self, xy: np.ndarray) -> np.ndarray:
+    def l0_to_world(self, xy: ArrayLike) -> np.ndarray:
         """(K, 2) level-0 corner coordinates (x, y) -> (K, 2) world (row, col)."""
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         return np.asarray(self.translate) + (xy[:, ::-1] - 0.5) * np.asarray(self.scale)
