@@ -98,3 +98,14 @@ def test_bad_inputs_exit_nonzero_with_one_line(argv, needle, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err and needle in err[-1] and err[-1].startswith("tilescope: error:")
+
+
+def test_embed_goes_on_after_a_bad_slide(tmp_path, capsys):
+    """One unreadable slide in a batch is reported; the others are still embedded."""
+    bad = tmp_path / "broken.svs"
+    bad.write_text("not a slide")
+    out = tmp_path / "out"
+    assert main(["embed", str(bad), str(need(CMU)), "-o", str(out), "--model", "tiny-random"]) == 1
+    err = capsys.readouterr().err
+    assert "broken.svs" in err and "Traceback" not in err
+    assert EmbeddingStore.open(out / "CMU-1-Small-Region.zarr").complete

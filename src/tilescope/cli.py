@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import TilescopeError
@@ -45,9 +45,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class _Bar:
+    """A terminal progress bar (patches/s, ETA) made when the tile count is known."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: Any = None
+
+    def update(self, p: Any) -> None:
+        if p.stage == "tissue":
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=self.name, unit="patch", total=p.total, dynamic_ncols=True)
+        self.bar.n = p.done
+        if p.failed:
+            self.bar.set_postfix_str(f"{p.failed} failed")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed_slide, store_path_for
     from .grid import TileGrid
     from .models import load_encoder
@@ -68,14 +90,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         if target.exists() and EmbeddingStore.is_complete(target) and not args.overwrite:
             print(f"{slide}: already embedded in {target}; skipped")
             continue
-        bar = tqdm(desc=Path(slide).name, unit="patch", total=0, dynamic_ncols=True)
-
-        def report(p, bar=bar):
-            bar.total = p.total
-            bar.n = p.done
-            bar.set_postfix_str(f"{p.stage}" + (f", {p.failed} failed" if p.failed else ""))
-            bar.refresh()
-
+        bar = _Bar(Path(slide).name)
         try:
             result = embed_slide(
                 slide,
@@ -86,10 +101,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 batch_size=batch,
                 num_workers=args.workers,
                 overwrite=args.overwrite,
-                progress=report,
+                progress=bar.update,
             )
-        finally:
+        except TilescopeError as exc:  # say so, and go on with the other slides
             bar.close()
+            print(f"tilescope: error: {exc}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        bar.close()
         msg = f"{slide}: {result.n_tiles} tiles -> {target} ({result.seconds:.1f} s)"
         if result.failed:
             msg += f"; {len(result.failed)} tiles failed to read and are recorded in the store"
