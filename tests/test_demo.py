@@ -46,6 +46,21 @@ def test_demo_headless_falls_back_to_the_untrained_model_loudly(offline_env, cap
     assert (out / "tiles.geojson").stat().st_size > 100
 
 
+def test_untrained_notice_blames_missing_weights_only_after_trying_them(capsys, tmp_path):
+    from tilescope import demo
+
+    enc = demo.demo_encoder("tiny-random")  # asked for: no fallback, no banner
+    assert not enc.trained and "were not found" not in capsys.readouterr().err
+    result = demo.DemoResult(
+        slide=tmp_path / "s.svs", store=tmp_path / "s.zarr", model=enc.model_id, trained=False,
+        label="tumor", scores={"tumor": 1.0}, query_box_l0=(0, 0, 1, 1),
+    )  # fmt: skip
+    asked = demo.report(result, requested_model="tiny-random")
+    assert "UNTRAINED" in asked and "BiomedCLIP weights were not found" not in asked
+    fallback = demo.report(result)  # no model named: demo_encoder tried BiomedCLIP first
+    assert "BiomedCLIP weights were not found" in fallback
+
+
 @pytest.mark.parametrize("script", ["prompt_heatmap.py", "region_search.py", "export.py"])
 def test_examples_run_headless(script, offline_env):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

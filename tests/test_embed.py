@@ -177,3 +177,53 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a.tissue, b.tissue)
     np.testing.assert_array_equal(a.done, b.done)
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+
+
+def test_unreadable_tile_is_recorded_and_the_store_completes(tiny_encoder, tmp_path, monkeypatch):
+    """One tile that never decodes must not block the store: it is recorded as failed, left
+    out of the results, not retried by default, and retried on request."""
+    from tilescope.errors import RegionReadError
+    from tilescope.score import PromptSet, score_store
+
+    out = tmp_path / "f.zarr"
+    real = Slide.read_region_mpp
+    bad = {}
+
+    def flaky(self, location, size, *, mpp):
+        if bad.get("xy") is None:
+            bad["xy"] = tuple(location)
+        if tuple(location) == bad["xy"]:
+            raise RegionReadError(self.path, f"failed to decode region at {location}")
+        return real(self, location, size, mpp=mpp)
+
+    monkeypatch.setattr(Slide, "read_region_mpp", flaky)
+    first = embed_slide(need(CMU), out, encoder=tiny_encoder, num_workers=0)
+    assert first.complete and len(first.failed) == 1 and first.n_failed == 1
+    store = EmbeddingStore.open(out)
+    ((i, message),) = store.failures
+    assert store.complete and not store.done[i] and "decode" in message
+    assert tuple(store.coords[i]) == bad["xy"]
+    prompts = PromptSet.parse("a: tumor\nb: stroma")
+    scores, pooled = score_store(store, prompts, tiny_encoder.encode_text, tiny_encoder.logit_scale)
+    assert np.isnan(scores.probs[i]).all() and np.isfinite(list(pooled.scores.values())).all()
+
+    again = embed_slide(CMU, out, encoder=tiny_encoder, num_workers=0)
+    assert again.embedded_now == 0 and again.failed == ()  # not retried by default
+    monkeypatch.setattr(Slide, "read_region_mpp", real)
+    retry = embed_slide(CMU, out, encoder=tiny_encoder, retry_failed=True)
+    assert retry.embedded_now == 1 and retry.n_failed == 0
+    healed = EmbeddingStore.open(out)
+    assert healed.done.all() and healed.failures == [] and healed.complete
+
+
+def test_should_stop_reports_what_was_done(tiny_encoder, tmp_path):
+    calls = []
+
+    def stop_after_two() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    result = embed_slide(need(CMU), tmp_path / "s.zarr", encoder=tiny_encoder, batch_size=8,
+                         should_stop=stop_after_two)  # fmt: skip
+    store = EmbeddingStore.open(result.store_path)
+    assert not result.complete and result.embedded_now == store.n_done > 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_store import create, rows
+from test_store import D, create, layout, rows, signature
 
 from tilescope.errors import StoreError
 from tilescope.export import export_store
@@ -68,9 +68,37 @@ def test_geojson_polygons_match_tiles(tmp_path: Path) -> None:
         props = feature["properties"]
         assert props["index"] == i and [props["row"], props["col"]] == st.grid_rc[i].tolist()
         assert props["tissue"] == pytest.approx(float(st.tissue[i]))
-        assert props["measurements"]["run1: tumor"] == pytest.approx(float(probs[i, 0]))
-        assert props["measurements"]["run1: normal"] == pytest.approx(float(probs[i, 1]))
+        # the store's model is untrained: its scores say so in every measurement name
+        assert props["measurements"]["run1: tumor [UNTRAINED]"] == pytest.approx(probs[i, 0])
+        assert props["measurements"]["run1: normal [UNTRAINED]"] == pytest.approx(probs[i, 1])
         assert props["objectType"] == "tile"
+        assert "id" not in feature  # QuPath takes a feature id for an object UUID
+
+
+def test_geojson_omits_missing_values_and_names_trained_scores_plainly(tmp_path: Path) -> None:
+    n = 6
+    coords, rc, tissue = layout(n)
+    st = EmbeddingStore.create_or_resume(
+        tmp_path / "t.zarr", signature=signature(n, model__trained=True), coords=coords,
+        grid_rc=rc, tissue=tissue, embed_dim=D,
+    )  # fmt: skip
+    st.write(0, rows(0, n))
+    st.finalize()
+    ro = EmbeddingStore.open(st.path)
+    ps = PromptSet({"tumor": ["carcinoma"], "normal": ["benign"]})
+    scores = score_patches(ro.embeddings, rows(50, 52), 20.0, ps.class_names)
+    scores.probs[2, 0] = np.nan  # e.g. a tile that was not scored
+    save_scores(ro, "run1", scores, ps)
+    text = export_store(ro.path, tmp_path / "t.geojson").read_text()
+    assert "null" not in text and "NaN" not in text
+    features = json.loads(text)["features"]
+    assert "run1: tumor" not in features[2]["properties"]["measurements"]
+    assert features[2]["properties"]["measurements"]["run1: normal"] == pytest.approx(
+        float(scores.probs[2, 1])
+    )
+    assert set(features[0]["properties"]["measurements"]) == {
+        "tissue", "run1: tumor", "run1: normal"
+    }  # fmt: skip
 
 
 def test_export_without_scores_and_empty_store(tmp_path: Path) -> None:
@@ -95,7 +123,7 @@ def test_export_refusals(tmp_path: Path) -> None:
     assert zarr.open_group(str(out), mode="r")["embeddings"].dtype == np.float16
     with pytest.raises(StoreError, match="store itself"):
         export_store(st.path, st.path, overwrite=True)
-    folder = tmp_path / "docs"
+    folder = tmp_path / "docs.zarr"
     folder.mkdir()
     (folder / "keep.txt").write_text("x")
     with pytest.raises(StoreError, match="refusing"):
@@ -107,3 +135,28 @@ def test_export_refusals(tmp_path: Path) -> None:
         export_store(half.path, tmp_path / "half-out.zarr")
     with pytest.raises(StoreError, match="no saved scores"):
         export_store(st.path, tmp_path / "x.zarr", scores=["nope"])
+
+
+def test_export_refuses_unknown_suffixes_and_never_replaces_a_store(tmp_path: Path) -> None:
+    st = finished_store(tmp_path, with_scores=False)
+    for name in ("out.csv", "out", "out.zarr.bak"):
+        with pytest.raises(StoreError, match="unknown export type"):
+            export_store(st.path, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    with pytest.raises(StoreError, match="suffix .geojson"):
+        export_store(st.path, tmp_path / "x.zarr", fmt="geojson")
+    other = create(tmp_path / "other.zarr", n=4)  # an embedding store, even incomplete
+    other.write(0, rows(0, 2))
+    other.flush()
+    with pytest.raises(StoreError, match="is an embedding store"):
+        export_store(st.path, other.path, overwrite=True)
+    assert EmbeddingStore.open(other.path).n_done == 2  # untouched
+
+
+def test_export_creates_the_output_folder_and_names_the_flag(tmp_path: Path) -> None:
+    st = finished_store(tmp_path, with_scores=False)
+    out = export_store(st.path, tmp_path / "a" / "b" / "tiles.geojson")
+    assert out.is_file()
+    with pytest.raises(StoreError, match="pass --overwrite") as err:
+        export_store(st.path, out)
+    assert "overwrite=True" not in str(err.value)

@@ -181,20 +181,49 @@ def test_pool_topk_by_hand() -> None:
     )
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.25])
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 2.0])
 def test_pool_attention_by_hand(temperature: float) -> None:
     sc = score_patches(E, T, 2.0, ["a", "b"])
+    cosine = [[1, 0], [0, 1], [0.6, 0.8]]
     logits = [[2, 0], [0, 2], [1.2, 1.6]]
     r = pool(sc, "attention", temperature=temperature)
-    for c, name in enumerate("ab"):
-        w = [math.exp(logits[i][c] / temperature) for i in range(3)]
-        expected = sum(w[i] / sum(w) * P[i][c] for i in range(3))
-        assert r.scores[name] == pytest.approx(expected, abs=1e-6)
-        np.testing.assert_allclose(r.attention[:, c], np.array(w) / sum(w), atol=1e-6)
-    if temperature == 1.0:
-        assert r.scores == pytest.approx({"a": 0.67979744, "b": 0.71898649}, abs=1e-6)
-        assert r.label == "b"
+    slide_logits = []
+    for c in range(2):
+        w = [math.exp(cosine[i][c] / temperature) for i in range(3)]
+        a = [wi / sum(w) for wi in w]
+        np.testing.assert_allclose(r.attention[:, c], a, atol=1e-6)
+        slide_logits.append(sum(a[i] * logits[i][c] for i in range(3)))
+    e = [math.exp(v) for v in slide_logits]
+    assert r.scores == pytest.approx({"a": e[0] / sum(e), "b": e[1] / sum(e)}, abs=1e-6)
+    assert sum(r.scores.values()) == pytest.approx(1.0)
     assert r.attention.shape == (3, 2)
+
+
+def test_pool_attention_is_not_decided_by_one_outlier_tile() -> None:
+    """10,000 tiles that are clearly b and one tile that is clearly a: the slide is b."""
+    rng = np.random.default_rng(0)
+    cos_b = 0.35 + 0.01 * rng.standard_normal(10_000)
+    cosine = np.stack([0.25 + 0.01 * rng.standard_normal(10_000), cos_b], axis=1)
+    cosine = np.vstack([cosine, [[0.45, 0.20]]]).astype(np.float32)  # the outlier
+    logits = (100.0 * cosine).astype(np.float32)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+    sc = PatchScores(["a", "b"], cosine, logits, probs, 100.0)
+    for method in ("attention", "topk", "mean"):
+        assert pool(sc, method).label == "b", method
+    # with a very low temperature attention becomes max pooling: the outlier then decides
+    assert pool(sc, "attention", temperature=0.001).label == "a"
+
+
+def test_tiles_with_weight_zero_take_no_part_even_if_nan() -> None:
+    sc = score_patches(E, T, 2.0, ["a", "b"])
+    for arr in (sc.cosine, sc.logits, sc.probs):
+        arr[1] = np.nan  # a tile that was never embedded
+    w = np.array([1.0, 0.0, 1.0])
+    clean = score_patches(E[[0, 2]], T, 2.0, ["a", "b"])
+    for method in ("mean", "topk", "attention"):
+        got = pool(sc, method, weights=w).scores
+        assert got == pytest.approx(pool(clean, method).scores, abs=1e-6), method
 
 
 def test_pool_errors() -> None:

@@ -9,7 +9,14 @@ import pytest
 from test_store import layout, signature
 
 from tilescope.errors import SearchError
-from tilescope.search import build_query, search_stores, similarity, tiles_in_shapes, top_k
+from tilescope.search import (
+    build_query,
+    query_from_regions,
+    search_stores,
+    similarity,
+    tiles_in_shapes,
+    top_k,
+)
 from tilescope.store import EmbeddingStore
 
 D = 16
@@ -194,3 +201,33 @@ def test_folder_search_skips_exports_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="a-export.zarr"):
         matches = search_stores(q, folder, model=MODEL, k=3)
     assert {m.store for m in matches} == {str(p1)}
+
+
+def test_query_from_regions_uses_embedded_tiles_only(tmp_path: Path) -> None:
+    emb = random_embeddings(16)
+    store = EmbeddingStore.open(make_store(tmp_path / "half.zarr", emb, finish=False))
+    coords, _, _ = layout(16)
+    centre = coords + 224  # tile side 448 level-0 px; rows 0..7 are done, 8..15 are not
+
+    def around(*rows: int) -> list[np.ndarray]:
+        return [np.array([centre[i] - 10, centre[i] + 10]) for i in rows]
+
+    query, pos, neg = query_from_regions(store, around(7, 8), around(6, 9), neg_weight=0.5)
+    assert pos.tolist() == [7] and neg.tolist() == [6]
+    np.testing.assert_allclose(query, build_query(emb, [7], [6], 0.5), atol=1e-6)
+    with pytest.raises(SearchError, match="tile 8 is not embedded"):
+        query_from_regions(store, around(8), empty_message="tile 8 is not embedded")
+    with pytest.raises(SearchError, match="covers no embedded tissue tiles"):
+        query_from_regions(store, around(8))
+
+
+def test_search_stores_expands_every_folder_of_a_list(tmp_path: Path) -> None:
+    e1, e2, e3 = (random_embeddings(10, seed=s) for s in (1, 2, 3))
+    p1 = make_store(tmp_path / "f1" / "a.zarr", e1)
+    p2 = make_store(tmp_path / "f2" / "b.zarr", e2)
+    p3 = make_store(tmp_path / "c.zarr", e3)
+    q = build_query(e2, [4])
+    matches = search_stores(q, [tmp_path / "f1", tmp_path / "f2", p3, p2], model=MODEL, k=30)
+    assert len(matches) == 30  # every row once: b.zarr, named twice, is searched once
+    assert {m.store for m in matches} == {str(p1), str(p2), str(p3)}
+    assert (matches[0].store, matches[0].index) == (str(p2), 4)

@@ -106,9 +106,13 @@ def test_identity_has_no_associated_images(synth):
     _, path, _ = synth
     with Slide(path) as s:
         ident = s.identity()
-    assert set(ident) >= {"name", "size_bytes", "dimensions", "mpp", "header_sha256"}
-    assert not any("label" in k or "macro" in k for k in ident)
-    assert not hasattr(Slide, "associated_images")
+    import hashlib
+
+    assert ident["size_bytes"] == path.stat().st_size
+    assert ident["header_sha256"] == hashlib.sha256(path.read_bytes()[: 1 << 20]).hexdigest()
+    assert ident["dimensions"] == [2600, 2000] and ident["name"] == path.name
+    # associated images (label, macro: patient identifiers) are not reachable from a Slide
+    assert not any(hasattr(Slide, a) for a in ("associated_images", "label", "macro"))
 
 
 @pytest.fixture
@@ -164,3 +168,59 @@ def test_lazy_levels_read_only_what_is_sliced(synth):
         full = s.read_region((800, 400), 1, (64, 64))
         np.testing.assert_array_equal(crop, full)
         assert levels[0][5, 7].shape == (3,)
+
+
+def test_screen_resolution_is_not_a_pixel_size(tmp_path):
+    """A TIFF saved at 72 dpi records 352.8 µm/px: treated as missing, with the reason."""
+    import tifffile
+
+    path = tmp_path / "screen.tif"
+    img = np.full((512, 768, 3), 200, np.uint8)
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", resolution=(72, 72),
+                     resolutionunit="INCH", metadata=None)  # fmt: skip
+    with Slide(path) as s:
+        assert not s.has_mpp and s.mpp_source.startswith("implausible")
+        with pytest.raises(MissingMppError, match="352.8"):
+            _ = s.mpp
+    with Slide(path, mpp=0.5) as s:
+        assert s.mpp == 0.5
+
+
+def test_transparent_pixels_blend_over_white():
+    from tilescope.slide import _rgba_to_rgb
+
+    rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [100, 0, 200, 128]]], np.uint8)
+    rgb = _rgba_to_rgb(rgba)
+    assert rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[0, 0], [10, 20, 30])
+    np.testing.assert_array_equal(rgb[0, 1], [255, 255, 255])
+    expect = np.round(np.array([100, 0, 200]) * 128 / 255 + 255 * 127 / 255)
+    np.testing.assert_allclose(rgb[0, 2], expect, atol=1)
+
+
+def test_handles_of_finished_threads_are_closed(synth):
+    import threading
+
+    _, path, _ = synth
+    with Slide(path) as s:
+        for _ in range(5):
+            t = threading.Thread(target=lambda: s.read_region((0, 0), 0, (8, 8)))
+            t.start()
+            t.join()
+        _ = s.read_region((0, 0), 0, (8, 8))  # a new handle in this thread prunes the rest
+        assert len(s._handles) <= 2
+
+
+def test_levels_snap_so_grid_and_reads_agree(synth):
+    """A target within 2% of a pyramid level is read from that level as is (no resize)."""
+    spec, path, _ = synth
+    with Slide(path) as s:
+        target = spec.mpp * s.level_downsamples[1] * 1.01
+        assert s.downsample_for_mpp(target) == s.level_downsamples[1]
+        calls = []
+        real = s.read_region
+        s.read_region = lambda loc, level, size: (
+            calls.append((level, size)) or real(loc, level, size)
+        )
+        s.read_region_mpp((64, 64), (100, 100), mpp=target)
+        assert calls == [(1, (100, 100))]

@@ -143,6 +143,7 @@ def test_resume_keeps_done_rows_and_drops_unflushed(tmp_path: Path) -> None:
     st.write(4, rows(4, 6))
     st.write(8, rows(8, 10))
     st.finalize()
+    st.close()  # lets the next writer in
     np.testing.assert_array_equal(EmbeddingStore.open(path).embeddings, rows(0, 10))
     again = create(path)  # resuming a complete store: nothing to do
     assert again.complete and again.pending_ranges() == []
@@ -164,23 +165,38 @@ def test_write_rows_in_any_order(tmp_path: Path) -> None:
     np.testing.assert_array_equal(EmbeddingStore.open(path).embeddings, rows(0, 10))
 
 
-def test_failures_and_is_complete(tmp_path: Path) -> None:
+def test_failed_tiles_complete_the_store_and_can_be_retried(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     assert not EmbeddingStore.is_complete(path)
     st = create(path)
     st.write(0, rows(0, 9))
     st.record_failures([(9, "JPEG decode error")])
-    assert st.n_done == 9 and st.failures == [(9, "JPEG decode error")]
-    assert EmbeddingStore.open(path).failures == [(9, "JPEG decode error")]
-    assert not EmbeddingStore.is_complete(path)
+    assert st.n_done == 9 and st.n_failed == 1 and st.failures == [(9, "JPEG decode error")]
+    assert st.todo_indices().size == 0  # not retried by default ...
+    assert st.todo_indices(include_failed=True).tolist() == [9]  # ... unless asked
+    st.finalize()
+    st.close()
+    opened = EmbeddingStore.open(path)
+    assert opened.complete and opened.signature["n_failed"] == 1
+    assert opened.failures == [(9, "JPEG decode error")] and not opened.done[9]
+    assert EmbeddingStore.is_complete(path)
     resumed = create(path)
-    assert resumed.todo_indices().tolist() == [9]  # failed tiles are retried
-    resumed.write(9, rows(9, 10))
+    resumed.write(9, rows(9, 10))  # a retry that works
     resumed.record_failures([])
-    resumed.finalize()
-    assert EmbeddingStore.is_complete(path) and resumed.failures == []
+    assert resumed.failures == [] and resumed.done.all() and resumed.n_failed == 0
     (tmp_path / "junk.zarr").write_text("junk")
     assert not EmbeddingStore.is_complete(tmp_path / "junk.zarr")
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    first = create(path)
+    with pytest.raises(StoreError, match="another writer"):
+        create(path)
+    assert EmbeddingStore.open(path).n_tiles == 10  # readers are welcome
+    first.close()
+    create(path).close()  # free again, and no lock file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
 
 def test_finalize_refuses_missing_rows(tmp_path: Path) -> None:
@@ -247,6 +263,7 @@ def test_ignored_keys_do_not_block_resume(tmp_path: Path, monkeypatch: pytest.Mo
         path, signature=sig, coords=coords, grid_rc=rc, tissue=tissue, embed_dim=D
     )
     assert st.n_done == 4
+    st.close()
     monkeypatch.setattr(store_mod, "__version__", "0.2.0")
     with pytest.raises(StoreMismatchError, match="tilescope_version: store has '0.1'"):
         create(path)
@@ -350,18 +367,21 @@ def test_scores_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def test_done_flag_written_only_after_data(tmp_path: Path) -> None:
-    """A crash between a chunk's data and its done flags leaves the rows to recompute."""
+    """A crash while a chunk's data is written leaves nothing marked done (flags come after
+    the data), and the rows are recomputed on resume."""
     path = tmp_path / "s.zarr"
     st = create(path)
 
     class Crash:
         def __setitem__(self, key: object, value: object) -> None:
-            raise KeyboardInterrupt  # the process dies before the flags are written
+            raise KeyboardInterrupt  # the process dies while writing embeddings
 
-    st._arr["done"] = Crash()
+    st._arr["embeddings"] = Crash()
     with pytest.raises(KeyboardInterrupt):
         st.write(0, rows(0, 4))
-    assert not EmbeddingStore.open(path).done.any()  # data may be there, but not marked done
+    assert not EmbeddingStore.open(path).done.any()
+    assert st._lock is not None
+    st._lock.release()  # the process died: the OS drops its lock
     resumed = create(path)
     assert resumed.pending_ranges() == [(0, 10)]
 

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from _paths import CMU, TCGA, need
 
-from tilescope import tissue
+from tilescope import slide as slide_module
 from tilescope.errors import MissingMppError
 from tilescope.slide import Slide
 from tilescope.synthetic import Blob, SyntheticSlide
@@ -104,12 +104,31 @@ def test_black_border_is_not_tissue(tmp_path) -> None:
     assert not tm.mask[-int(90 / scale) :, :].any()
 
 
+def test_thumbnail_of_a_single_level_slide_is_read_in_strips(tmp_path, monkeypatch) -> None:
+    """Whole-slide overviews never read a huge level in one piece (bounded memory)."""
+    spec = SyntheticSlide(1600, 1200, mpp=0.5, blobs=(Blob(400, 300, 250, 200),), n_levels=1)
+    path = spec.write(tmp_path / "one_level.tif")
+    with Slide(path) as s:
+        whole = s.thumbnail(200)
+    monkeypatch.setattr(slide_module, "_MAX_READ_PX", 100_000)
+    calls = []
+    read_region = Slide.read_region
+    monkeypatch.setattr(
+        Slide, "read_region", lambda self, *a: calls.append(a) or read_region(self, *a)
+    )
+    with Slide(path) as s:
+        strips = s.thumbnail(200)
+    assert strips.shape == whole.shape == (150, 200, 3)
+    assert len(calls) > 10 and all(size[0] * size[1] <= 100_000 for _, _, size in calls)
+    assert np.abs(strips.astype(int) - whole.astype(int)).mean() < 2
+
+
 def test_single_level_slide_is_read_in_strips(tmp_path, monkeypatch) -> None:
     """Without a coarse level, the mask is built strip by strip, with the same result."""
     spec = SyntheticSlide(1600, 1200, mpp=0.5, blobs=(Blob(400, 300, 250, 200),), n_levels=1)
     path = spec.write(tmp_path / "one_level.tif")
     whole = tissue_mask(path, min_mask_px=64)
-    monkeypatch.setattr(tissue, "_MAX_LEVEL_PX", 100_000)  # 1600 x 1200 is then "huge"
+    monkeypatch.setattr(slide_module, "_MAX_READ_PX", 100_000)  # 1600 x 1200 is then "huge"
     calls = []
     read_region = Slide.read_region
     monkeypatch.setattr(

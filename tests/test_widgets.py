@@ -279,6 +279,8 @@ def test_region_search_finds_the_drawn_tile_and_steps_through_matches(viewer_cmu
     widget = RegionSearchWidget(viewer)
     widget.synchronous = True
     assert "Tilescope query" in viewer.layers
+    assert widget._exclude.value is True  # the query tiles are left out by default, as on the CLI
+    widget._exclude.value = False  # here: the drawn tile must come back as match 1
     i = int(np.argmax(store.tissue))
     draw_around_tile(widget, slide, store, i)
     widget._search.native.click()
@@ -364,6 +366,7 @@ def test_search_other_slides_and_refuse_other_models(viewer_cmu, tmp_path):
     viewer, slide, store = viewer_cmu
     widget = RegionSearchWidget(viewer)
     widget.synchronous = True
+    widget._exclude.value = False  # the drawn tile is match 1 on its own slide
     i = int(np.argmax(store.tissue))
     draw_around_tile(widget, slide, store, i)
     widget._search.native.click()
@@ -392,3 +395,48 @@ def test_search_other_slides_and_refuse_other_models(viewer_cmu, tmp_path):
     widget._search_folder.native.click()
     assert widget._status.value.startswith("error:")
     assert "different model" in widget._status.value and "fake.zarr" in widget._status.value
+
+
+def test_region_search_leaves_the_query_out_by_default(viewer_cmu):
+    viewer, slide, store = viewer_cmu
+    widget = RegionSearchWidget(viewer)
+    widget.synchronous = True
+    i = int(np.argmax(store.tissue))
+    draw_around_tile(widget, slide, store, i)
+    widget._search.native.click()
+    res = widget.last_result
+    assert res is not None and list(res.query_idx) == [i] and res.request.exclude_query
+    assert i not in res.match_idx and len(res.match_idx) == 10
+    widget._folder.value = store.path.parent
+    widget._search_folder.native.click()
+    assert all(m.index != i for m in widget.other_matches)
+
+
+def test_embed_widget_takes_any_model_name_or_folder(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(need(CMU)), plugin="tilescope")
+    widget = EmbedWidget(viewer)
+    assert widget._model.value == "biomedclip"
+    assert "hf-hub:" in widget._model.tooltip and "folder" in widget._model.tooltip
+    for name in ("hf-hub:org/some-clip", str(tmp_path / "my-biomedclip"), "tiny-random"):
+        widget._model.value = name  # a combo box of two names refused these
+        assert widget.request().model == name
+    widget._model.value = "  "
+    widget._run.native.click()  # a message, not an exception
+    assert widget._status.value.startswith("error: type a model")
+
+
+def test_heatmap_temperature_is_in_cosine_units(make_napari_viewer):
+    widget = PromptHeatmapWidget(make_napari_viewer())
+    t = widget._temperature
+    assert (t.value, t.min, t.step) == (pytest.approx(0.05), pytest.approx(0.005), 0.005)
+
+
+def test_every_widget_lists_the_slide_layers(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widgets = [cls(viewer) for cls in (EmbedWidget, PromptHeatmapWidget, ExportWidget)]
+    widgets.append(RegionSearchWidget(viewer))
+    layer = viewer.open(str(need(CMU)), plugin="tilescope")[0]
+    viewer.add_points([[0, 0]], name="not a slide")
+    for widget in widgets:
+        assert widget._slide.choices == (layer,)

@@ -33,8 +33,9 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
     if device.type != "cuda":
         return None
-    with torch.cuda.device(device):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # native bf16 from Ampere (compute capability 8) on; older GPUs only emulate it, slowly
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 class Encoder:
@@ -70,7 +71,8 @@ class Encoder:
 
     Notes
     -----
-    Not thread-safe (a reused pinned host buffer on CUDA): use it from one thread at a time.
+    Image encoding runs one batch at a time per model (torch releases the GIL; the prompt cache
+    is locked), so one Encoder may serve the widgets and a worker thread.
     On Apple MPS and on CPU it computes in float32.
     """
 
@@ -110,13 +112,18 @@ class Encoder:
         self.mean = tuple(float(m) for m in pp["mean"])
         self.std = tuple(float(s) for s in pp["std"])
         self._resize_mode = pp.get("resize_mode", "shortest")
-        self._interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
+        interpolation = pp.get("interpolation", "bicubic")
+        if interpolation not in ("bicubic", "bilinear"):
+            raise ModelError(
+                f"{model_id}: preprocessing interpolation {interpolation!r} is not supported "
+                "(bicubic or bilinear)"
+            )
+        self._interpolation = interpolation
         self._fill = float(pp.get("fill_color", 0))
         self._mean_t = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()  # widgets encode prompts from worker threads
-        self._pinned: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Encoder({self.label!r}, embed_dim={self.embed_dim}, device={self.device})"
@@ -153,7 +160,7 @@ class Encoder:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3) on the device; through a reused pinned buffer on CUDA."""
+        """uint8 (N, H, W, 3) on the device; through pinned host memory on CUDA."""
         import torch
 
         x = (
@@ -168,10 +175,9 @@ class Encoder:
             )
         if self.device.type != "cuda" or x.device.type == "cuda":
             return x.to(self.device)
-        if self._pinned is None or self._pinned.shape != x.shape:
-            self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
-        self._pinned.copy_(x)  # the previous copy finished: its results were read back
-        return self._pinned.to(self.device, non_blocking=True)
+        # pinned host memory from torch's caching allocator, which keeps each block until its
+        # asynchronous copy has finished: no reuse race, and safe from several threads
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """Resize and centre-crop (or pad) float (N, 3, H, W) in [0, 255] as open_clip would."""
@@ -266,8 +272,9 @@ class Encoder:
 
         Prompts seen before come from a small cache, so editing one class of a prompt set
         encodes only that class. For Hugging Face text towers (BiomedCLIP's BERT) the trailing
-        padding of the 256-token context is cut before the forward pass: those towers mask
-        padding out, so the result is the same and short prompts cost a fraction.
+        padding of the 256-token context is cut to the batch's longest prompt before the forward
+        pass: those towers mask padding out, so the result is the same (to float rounding,
+        about 1e-7) and short prompts cost a fraction.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         with self._text_lock:

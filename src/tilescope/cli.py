@@ -7,13 +7,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._version import __version__
 from .errors import TilescopeError
-
-if TYPE_CHECKING:
-    pass
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -73,7 +70,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed_slide, store_path_for
     from .grid import TileGrid
     from .models import load_encoder
-    from .store import EmbeddingStore
 
     grid = TileGrid(
         target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap, min_tissue=args.min_tissue
@@ -86,10 +82,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     batch = args.batch_size or (64 if encoder.device.type == "cuda" else 16)
     status = 0
     for slide in args.slides:
+        # embed_slide decides: it resumes a store made with these settings (a finished one is
+        # a fast no-op) and refuses one made with other settings or another model
         target = store_path_for(slide, out)
-        if target.exists() and EmbeddingStore.is_complete(target) and not args.overwrite:
-            print(f"{slide}: already embedded in {target}; skipped")
-            continue
         bar = _Bar(Path(slide).name)
         try:
             result = embed_slide(
@@ -101,18 +96,28 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 batch_size=batch,
                 num_workers=args.workers,
                 overwrite=args.overwrite,
+                retry_failed=args.retry_failed,
                 progress=bar.update,
             )
-        except TilescopeError as exc:  # say so, and go on with the other slides
+        except (TilescopeError, OSError) as exc:  # say so, and go on with the other slides
             bar.close()
-            print(f"tilescope: error: {exc}", file=sys.stderr)
+            print(f"tilescope: error: {_describe(exc)}", file=sys.stderr)
             status = EXIT_ERROR
             continue
         bar.close()
-        msg = f"{slide}: {result.n_tiles} tiles -> {target} ({result.seconds:.1f} s)"
+        if result.embedded_now == 0 and result.complete and not result.failed:
+            msg = f"{slide}: already embedded in {target}; nothing to do"
+        else:
+            msg = f"{slide}: {result.n_tiles} tiles -> {target} ({result.seconds:.1f} s)"
         if result.failed:
-            msg += f"; {len(result.failed)} tiles failed to read and are recorded in the store"
+            for index, message in result.failed[:5]:
+                print(f"  tile {index}: {message}", file=sys.stderr)
             status = EXIT_ERROR
+        if result.n_failed:
+            msg += (
+                f"; {result.n_failed} tiles could not be read: recorded in the store, left out "
+                "of scores, search and export (--retry-failed tries them again)"
+            )
         print(msg)
     return status
 
@@ -125,6 +130,12 @@ def _parse_box(text: str) -> list[list[float]]:
         msg = f"a region is x,y,width,height in level-0 pixels, not {text!r}"
         raise TilescopeError(msg) from None
     return [[x, y], [x + w, y + h]]
+
+
+def _require_slide_for_png(args: argparse.Namespace) -> None:
+    """Refuse `--png` without `--slide` before any work is done (or saved)."""
+    if args.png and not args.slide:
+        raise TilescopeError("--png draws over the slide: pass its file with --slide")
 
 
 def _xywh(text: str) -> tuple[float, float, float, float]:
@@ -145,9 +156,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .score import PromptSet, TileGeometry, heatmap, save_scores, score_store
     from .store import EmbeddingStore
 
+    _require_slide_for_png(args)
     store = EmbeddingStore.open(args.store)
     prompts = PromptSet.parse(args.classes, templates=args.template or ("{}",))
     encoder = load_encoder_for_store(store.signature["model"], name=args.model, device=args.device)
+    # without --temperature, the library's default (its units are the library's business)
+    options: dict[str, Any] = {} if args.temperature is None else {"temperature": args.temperature}
     scores, pooled = score_store(
         store,
         prompts,
@@ -155,7 +169,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         encoder.logit_scale,
         method=args.pooling,
         k=args.k,
-        temperature=args.temperature,
+        **options,
     )
     if args.save:
         save_scores(store, args.save, scores, prompts, {"pooling": args.pooling})
@@ -183,8 +197,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.png:
         from .figures import heatmap_figure
 
-        if not args.slide:
-            raise TilescopeError("--png draws over the slide: pass its file with --slide")
         c = prompts.class_names.index(pooled.label)
         hm = heatmap(scores.probs[:, c], TileGeometry.from_store(store))
         warn = None if encoder.trained else f"{encoder.label}: NOT A RESULT"
@@ -201,13 +213,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import build_query, search_stores, tiles_in_shapes
+    from .search import query_from_regions, search_stores
     from .store import EmbeddingStore
 
+    _require_slide_for_png(args)
+    positive = [_parse_box(b) for b in args.region]
+    negative = [_parse_box(b) for b in args.unlike]
     store = EmbeddingStore.open(args.store)
-    pos = tiles_in_shapes(store.coords, store.tile_l0, [_parse_box(b) for b in args.region])
-    neg = tiles_in_shapes(store.coords, store.tile_l0, [_parse_box(b) for b in args.unlike])
-    query = build_query(store.embeddings, pos, neg)
+    regions = " and ".join(args.region)
+    empty = (
+        f"the region {regions} covers no embedded tissue tiles"
+        if len(args.region) == 1
+        else f"the regions {regions} cover no embedded tissue tiles"
+    ) + " (a tile counts when its centre is inside; coordinates are level-0 pixels)"
+    query, pos, neg = query_from_regions(store, positive, negative, empty_message=empty)
     targets = args.against or [store.path]
     exclude = {store.path: pos}  # the query tiles themselves are not matches
     matches = search_stores(
@@ -222,13 +241,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 f"{rank:>3}. {m.slide_name:<32} x={m.x:<7} y={m.y:<7} similarity {m.similarity:.4f}"
             )
     if args.png:
+        import numpy as np
+
         from .figures import heatmap_figure
         from .score import TileGeometry, heatmap
         from .search import similarity
 
-        if not args.slide:
-            raise TilescopeError("--png draws over the slide: pass its file with --slide")
-        hm = heatmap(similarity(store.embeddings, query), TileGeometry.from_store(store))
+        sim = np.where(store.done, similarity(store.embeddings, query), np.nan)
+        hm = heatmap(sim, TileGeometry.from_store(store))
+        here = store.path.resolve()
         trained = store.signature["model"].get("trained", True)
         heatmap_figure(
             args.slide,
@@ -238,7 +259,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
             slide_mpp=args.slide_mpp,
             warning=None if trained else "UNTRAINED model: NOT A RESULT",
             boxes=[_xywh(b) for b in args.region],
-            marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in matches if m.store == str(store.path)],
+            marks=[
+                (m.x, m.y, m.tile_l0, m.tile_l0) for m in matches if Path(m.store).resolve() == here
+            ],
         )
         print(f"wrote {args.png}")
     return 0
@@ -264,8 +287,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return launch(slide, out, args.model, args.device)
     encoder = demo.demo_encoder(args.model, args.device)
     result = demo.run_headless(slide, out, encoder)
-    print(demo.report(result))
+    print(demo.report(result, requested_model=args.model))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,11 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a slide's vendor, size, levels, mpp, magnification")
     p.add_argument("slide", help="slide file (anything OpenSlide reads)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's mpp")
+    p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's own µm/px")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("embed", help="tile and embed slides into zarr stores (resumable)")
-    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to embed")
     p.add_argument("-o", "--out", required=True, help="folder for the stores (one per slide)")
     p.add_argument(
         "--model",
@@ -308,12 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the slides' own µm/px (for slides that lack it)",
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per batch")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="tiles per batch (default: 64 on CUDA, else 16)",
+    )
     p.add_argument("--workers", type=int, default=2, help="tile reader threads (2)")
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace stores made with other settings instead of refusing",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try again the tiles an earlier run could not read (recorded in the store)",
     )
     p.set_defaults(func=_cmd_embed)
 
@@ -333,16 +377,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help='prompt template with {} (e.g. "an H&E image of {}"); repeatable',
     )
-    p.add_argument("--pooling", choices=["attention", "topk", "mean"], default="attention")
-    p.add_argument("--k", type=int, default=50, help="tiles for top-k pooling (50)")
-    p.add_argument("--temperature", type=float, default=1.0, help="attention temperature")
-    p.add_argument("--model", default=None, help="where to load the store's model from")
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--pooling",
+        choices=["attention", "topk", "mean"],
+        default="attention",
+        help="slide-level pooling: attention (default), topk (mean of the k highest logits "
+        "per class) or mean (of the tiles' probabilities)",
+    )
+    p.add_argument(
+        "-k", "--k", dest="k", type=_positive_int, default=50, help="tiles for topk pooling (50)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="temperature of attention pooling, in cosine-similarity units (default: the "
+        "library's)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="where to load the store's model from (a name or local folder; its weights must "
+        "be those that made the store); default: the model recorded in the store",
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
     p.add_argument("--save", metavar="NAME", help="save the scores into the store")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--png", help="write the winning class's heatmap over the slide to this PNG")
-    p.add_argument("--slide", help="the slide file (for --png)")
-    p.add_argument("--slide-mpp", type=float, default=None)
+    p.add_argument("--slide", help="the slide file (needed by --png)")
+    p.add_argument(
+        "--slide-mpp", type=float, default=None, help="override the slide's own µm/px (--png)"
+    )
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("search", help="find tiles like a region, in this and other stores")
@@ -367,15 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STORE_OR_FOLDER",
         help="stores (or folders of stores) to search; default: the query's store",
     )
-    p.add_argument("-k", type=int, default=20, help="number of matches (20)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "-k", "--k", dest="k", type=_positive_int, default=20, help="number of matches (20)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--png", help="write the similarity map over the slide to this PNG")
-    p.add_argument("--slide", help="the slide file (for --png)")
-    p.add_argument("--slide-mpp", type=float, default=None)
+    p.add_argument("--slide", help="the slide file (needed by --png)")
+    p.add_argument(
+        "--slide-mpp", type=float, default=None, help="override the slide's own µm/px (--png)"
+    )
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("export", help="export embeddings, coordinates, scores, provenance")
-    p.add_argument("store")
+    p.add_argument("store", help="a complete store made by `tilescope embed`")
     p.add_argument(
         "-o",
         "--out",
@@ -383,14 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="OUT.zarr (embeddings, coordinates in px and µm, scores, provenance) or "
         "OUT.geojson (tile polygons with scores, for QuPath)",
     )
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="embedding dtype of a zarr export (float16)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing export at OUT (never an embedding store)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="embed the sample slide and show heatmaps and a search")
     p.add_argument("--slide", help="a slide to use instead of the sample slide")
     p.add_argument("--model", help="model (default: BiomedCLIP, else tiny-random with a notice)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
     p.add_argument("--out", default="tilescope-demo", help="folder for store, PNGs, exports")
     p.add_argument(
         "--headless",
@@ -401,13 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for the user: a TilescopeError's message, or a file-system error's path and
+    reason (``path: Permission denied``)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        where = str(exc.filename)
+        if exc.filename2 is not None:
+            where += f" -> {exc.filename2}"
+        return f"{where}: {exc.strerror or exc}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except TilescopeError as exc:
-        print(f"tilescope: error: {exc}", file=sys.stderr)
+    except (TilescopeError, OSError) as exc:
+        print(f"tilescope: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("tilescope: interrupted; run the same command again to resume", file=sys.stderr)

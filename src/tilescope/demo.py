@@ -7,7 +7,6 @@ are reachable; otherwise the tiny untrained model, with a loud notice on every o
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +30,17 @@ UNTRAINED_BANNER = (
     "tiny UNTRAINED model. Its heatmaps, labels and matches show how Tilescope works, and "
     "mean nothing. See README 'Using BiomedCLIP offline' to supply the real weights."
 )
+#: The notice when an untrained model was asked for (``--model tiny-random``).
+UNTRAINED_NOTE = (
+    "NOTICE: this demo runs an UNTRAINED model, as asked. Its heatmaps, labels and matches "
+    "show how Tilescope works, and mean nothing."
+)
+
+
+def untrained_notice(requested_model: str | None) -> str:
+    """The notice for results of an untrained model: BiomedCLIP was missing (`demo_encoder`
+    fell back, which it only does when no model was named), or the model was asked for."""
+    return UNTRAINED_NOTE if requested_model else UNTRAINED_BANNER
 
 
 @dataclass
@@ -95,7 +105,7 @@ def run_headless(
     from .export import export_store
     from .figures import heatmap_figure
     from .score import PromptSet, TileGeometry, heatmap, save_scores, score_store
-    from .search import build_query, search_stores, similarity, tiles_in_shapes
+    from .search import query_from_regions, search_stores, similarity
     from .store import EmbeddingStore
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,12 +131,12 @@ def run_headless(
 
     box = query_box(store, scores.probs[:, c])
     x, y, w, h = box
-    pos = tiles_in_shapes(store.coords, store.tile_l0, [[[x, y], [x + w, y + h]]])
-    query = build_query(store.embeddings, pos)
+    query, pos, _ = query_from_regions(store, [[[x, y], [x + w, y + h]]])
     found = search_stores(query, [store_path], model=store.signature["model"], k=k,
                           exclude={store_path: pos})  # fmt: skip
     fig_sim = heatmap_figure(
-        slide, heatmap(similarity(store.embeddings, query), geometry), out_dir / "search.png",
+        slide, heatmap(np.where(store.done, similarity(store.embeddings, query), np.nan),
+                       geometry), out_dir / "search.png",
         ["cosine similarity to the query tile (cyan); top matches (green)"],
         warning=warning, boxes=[box], marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in found],
     )  # fmt: skip
@@ -141,10 +151,11 @@ def run_headless(
     )  # fmt: skip
 
 
-def report(result: DemoResult) -> str:
+def report(result: DemoResult, requested_model: str | None = None) -> str:
+    """The headless demo's summary; `requested_model` is the model the user named, if any."""
     lines = []
     if not result.trained:
-        lines.append(UNTRAINED_BANNER)
+        lines.append(untrained_notice(requested_model))
     lines.append(f"slide:        {result.slide}")
     lines.append(f"model:        {result.model}{'' if result.trained else ' (UNTRAINED)'}")
     lines.append(f"slide label:  {result.label}")
@@ -165,10 +176,3 @@ def has_display() -> bool:
 def _print_progress(p: Any) -> None:
     if p.stage == "done":
         print(f"  {p.done} tiles in {p.elapsed:.1f} s ({p.rate:.1f} patches/s)")
-
-
-def summary_json(result: DemoResult) -> str:
-    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-    d["figures"] = [str(p) for p in result.figures]
-    d["exports"] = [str(p) for p in result.exports]
-    return json.dumps(d, indent=2)

@@ -59,6 +59,7 @@ class EmbedResult:
     seconds: float
     complete: bool
     trained_model: bool
+    n_failed: int = 0  # rows of the store recorded as failed (this run's and earlier ones)
 
 
 def store_path_for(slide_path: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
@@ -94,6 +95,7 @@ def iter_embed_slide(
     num_workers: int = 2,
     overwrite: bool = False,
     on_error: str = "skip",
+    retry_failed: bool = False,
     tissue_kwargs: dict[str, Any] | None = None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     """Embed one slide, yielding an `EmbedProgress` after every batch; returns `EmbedResult`.
@@ -101,6 +103,10 @@ def iter_embed_slide(
     Closing the generator (``gen.close()``, napari's Cancel) stops after the batch in flight;
     every row embedded so far is flushed to the store and a later run resumes from there.
     A killed process loses at most the rows of the last ``store.FLUSH_SECONDS`` seconds.
+
+    Tiles that cannot be read (``on_error="skip"``) are recorded in the store as failed; the
+    store still completes, and scores, search and export leave them out. They are tried
+    again only with ``retry_failed=True``.
     """
     grid = grid or TileGrid()
     t0 = time.perf_counter()
@@ -120,8 +126,30 @@ def iter_embed_slide(
         embed_dim=encoder.embed_dim,
         overwrite=overwrite,
     )
+    try:
+        return (yield from _embed_rows(name, t0, store, layout, grid, encoder, slide_path,
+                                       slide_mpp, batch_size, num_workers, on_error,
+                                       retry_failed))  # fmt: skip
+    finally:
+        store.close()  # flushes, and lets the next writer in (also on cancel or error)
+
+
+def _embed_rows(
+    name: str,
+    t0: float,
+    store: EmbeddingStore,
+    layout: Any,
+    grid: TileGrid,
+    encoder: Encoder,
+    slide_path: str | PathLike[str],
+    slide_mpp: float | None,
+    batch_size: int,
+    num_workers: int,
+    on_error: str,
+    retry_failed: bool,
+) -> Generator[EmbedProgress, None, EmbedResult]:
     total = len(layout)
-    todo = store.todo_indices()
+    todo = store.todo_indices(include_failed=retry_failed)
     done = total - len(todo)
     embedded_now = 0
     failures: list[tuple[int, str]] = []
@@ -156,22 +184,23 @@ def iter_embed_slide(
         finally:
             batches.close()  # stop reader threads promptly, also on cancel
             store.flush()  # keep every embedded row, also on cancel or error
-    if failures:
+    if failures or store.failures:  # also forgets earlier failures embedded now
         store.record_failures(failures)
-    complete = not failures and not len(store.todo_indices())
+    complete = not len(store.todo_indices())  # failed tiles are recorded, not pending
     if complete and not store.complete:
         store.finalize()
     elapsed = time.perf_counter() - t0
     rate = embedded_now / max(time.perf_counter() - t_start, 1e-9)
     yield EmbedProgress(name, "done", done, total, elapsed, rate, failed=len(failures))
     return EmbedResult(
-        store_path=Path(store_path),
+        store_path=store.path,
         n_tiles=total,
         embedded_now=embedded_now,
         failed=tuple(failures),
         seconds=elapsed,
         complete=complete,
         trained_model=bool(encoder.trained),
+        n_failed=store.n_failed,
     )
 
 
@@ -204,28 +233,24 @@ def embed_slide(
 
         encoder = load_encoder(model or DEFAULT_MODEL, device=device)
     gen = iter_embed_slide(slide_path, store_path, encoder=encoder, **kwargs)
+    first: EmbedProgress | None = None
     try:
         while True:
             report = next(gen)
+            if first is None and report.stage == "embedding":
+                first = report
             if progress is not None:
                 progress(report)
-            if should_stop is not None and should_stop():
-                gen.close()
-                return _partial_result(store_path, report, encoder)
+            if should_stop is not None and report.stage != "done" and should_stop():
+                gen.close()  # the batch in flight is written; the rest waits for a resume
+                before = first.done if first is not None else 0
+                return EmbedResult(
+                    store_path=Path(store_path), n_tiles=report.total,
+                    embedded_now=max(0, report.done - before - report.failed), failed=(),
+                    seconds=report.elapsed, complete=False, trained_model=bool(encoder.trained),
+                )  # fmt: skip
     except StopIteration as stop:
         return stop.value
-
-
-def _partial_result(store_path: Any, report: EmbedProgress, encoder: Any) -> EmbedResult:
-    return EmbedResult(
-        store_path=Path(store_path),
-        n_tiles=report.total,
-        embedded_now=0,
-        failed=(),
-        seconds=report.elapsed,
-        complete=False,
-        trained_model=bool(encoder.trained),
-    )
 
 
 def embed_slides(

@@ -15,9 +15,15 @@ Zarr export layout (any zarr v3 reader)::
 GeoJSON export: a FeatureCollection with one Polygon per tile in level-0 pixel coordinates
 (QuPath's convention: origin at the top-left of the full-resolution image, y down) with
 properties ``objectType`` "tile", ``index``, ``row``, ``col``, ``tissue`` and ``measurements``
-(``tissue`` and ``"<score set>: <class>"`` probabilities). Nothing from associated images
-(label, macro) is ever exported; the store holds none.
-Outputs are written under a temporary name and renamed into place when complete.
+(``tissue`` and ``"<score set>: <class>"`` probabilities; a value that is not a finite number
+is left out, never written as null). Scores of an untrained model are measurements named
+``"<score set>: <class> [UNTRAINED]"``. Features carry no ``id`` (QuPath reads an id as an
+object UUID). Nothing from associated images (label, macro) is ever exported; the store holds
+none.
+
+The output's suffix says its format (``.zarr``; ``.geojson`` or ``.json``); other suffixes are
+refused. Its parent folder is created. Outputs are written under a temporary name and renamed
+into place when complete; an embedding store is never replaced, even with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -36,11 +42,20 @@ import zarr
 from zarr.storage import LocalStore
 
 from .errors import StoreError
-from .store import EmbeddingStore, _jsonable
+from .store import FORMAT_NAME, EmbeddingStore, _jsonable
 
 __all__ = ["export_store"]
 
 EXPORT_FORMAT = "tilescope-export"
+#: Output suffix -> format, and the suffix a format's output gets.
+FORMATS: dict[str, Literal["zarr", "geojson"]] = {
+    ".zarr": "zarr",
+    ".geojson": "geojson",
+    ".json": "geojson",
+}
+SUFFIXES = {"zarr": ".zarr", "geojson": ".geojson"}
+#: Appended to the measurement names of scores made with an untrained model.
+UNTRAINED_TAG = " [UNTRAINED]"
 
 
 def export_store(
@@ -59,23 +74,37 @@ def export_store(
     store_path
         An `EmbeddingStore` directory.
     out
-        Output path: a ``.zarr`` directory or a ``.geojson`` file.
+        Output path: a ``.zarr`` directory or a ``.geojson`` (or ``.json``) file; its parent
+        folder is created if needed.
     dtype
         Embedding dtype of a zarr export.
     fmt
-        "zarr" or "geojson"; by default from the suffix of `out` (``.geojson``/``.json`` ->
-        GeoJSON, otherwise zarr).
+        "zarr" or "geojson"; must agree with the suffix of `out` (the default follows it).
     scores
         Names of saved score sets to include; ``None`` includes all, ``[]`` none.
     overwrite
-        Replace an existing `out`.
+        Replace an existing export at `out` (a zarr group, or a file for GeoJSON). An
+        embedding store, or a folder that is not a zarr group, is never replaced.
+
+    Raises
+    ------
+    StoreError
+        An unknown suffix, an incomplete store, or an output that exists and may not be
+        replaced; nothing is written then.
     """
-    store = EmbeddingStore.open(store_path)
     dest = Path(out)
-    if fmt is None:
-        fmt = "geojson" if dest.suffix.lower() in (".geojson", ".json") else "zarr"
-    if fmt not in ("zarr", "geojson") or dtype not in ("float16", "float32"):
-        raise StoreError(f"{dest}: fmt must be zarr or geojson and dtype float16 or float32")
+    by_suffix = FORMATS.get(dest.suffix.lower())
+    if by_suffix is None:
+        raise StoreError(
+            f"{dest}: unknown export type {dest.suffix or '(no suffix)'!r}; name the output "
+            "OUT.zarr (embeddings for other tools) or OUT.geojson (tiles for QuPath)"
+        )
+    fmt = fmt or by_suffix
+    if fmt != by_suffix:
+        raise StoreError(f"{dest}: a {fmt} export needs the suffix {SUFFIXES[fmt]}")
+    if dtype not in ("float16", "float32"):
+        raise StoreError(f"{dest}: dtype must be float16 or float32, not {dtype!r}")
+    store = EmbeddingStore.open(store_path)
     if not store.complete:
         raise StoreError(
             f"{store.path}: the store is incomplete ({store.n_done}/{store.n_tiles} tiles); "
@@ -84,10 +113,18 @@ def export_store(
     if dest.resolve() == store.path.resolve():
         raise StoreError(f"{dest}: is the store itself; choose another output path")
     exists = dest.exists() or dest.is_symlink()
+    if exists and _is_embedding_store(dest):
+        raise StoreError(
+            f"{dest}: is an embedding store; refusing to replace it with an export, even "
+            "with --overwrite; choose another output path"
+        )
     if exists and not overwrite:
-        raise StoreError(f"{dest}: already exists; choose another path or use overwrite=True")
-    if exists and dest.is_dir() and dest.suffix != ".zarr" and not (dest / "zarr.json").exists():
-        raise StoreError(f"{dest}: is a folder that is not a zarr store; refusing to replace it")
+        raise StoreError(
+            f"{dest}: already exists; choose another path, or pass --overwrite to replace it"
+        )
+    if exists and dest.is_dir() and (fmt == "geojson" or not _replaceable_folder(dest)):
+        raise StoreError(f"{dest}: is a folder that is not a zarr export; refusing to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     names = store.score_names() if scores is None else list(scores)
     score_sets = {name: store.read_scores(name) for name in names}
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
@@ -109,6 +146,21 @@ def export_store(
     finally:
         _remove_quietly(tmp)
     return dest
+
+
+def _is_embedding_store(path: Path) -> bool:
+    """True if `path` is (or links to) a folder whose zarr.json says it is an embedding store."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    sig = meta.get("attributes", {}).get("tilescope") if isinstance(meta, dict) else None
+    return isinstance(sig, dict) and sig.get("format") == FORMAT_NAME
+
+
+def _replaceable_folder(path: Path) -> bool:
+    """An empty folder, or a zarr group (an earlier export), may be replaced."""
+    return (path / "zarr.json").exists() or not any(path.iterdir())
 
 
 def _remove_quietly(path: Path) -> None:
@@ -161,31 +213,33 @@ def _write_zarr(
 
 def _write_geojson(store: EmbeddingStore, path: Path, score_sets: dict[str, Any]) -> None:
     t = store.tile_l0
+    tag = "" if store.signature["model"].get("trained", True) else UNTRAINED_TAG
     columns = []  # (measurement name, (N,) values)
     for name, (arrays, meta) in score_sets.items():
         values = arrays.get("probs", next(iter(arrays.values()), None))
         classes = meta.get("classes", [])
         if values is not None and values.ndim == 2 and values.shape[1] == len(classes):
-            columns += [(f"{name}: {c}", values[:, j]) for j, c in enumerate(classes)]
+            columns += [(f"{name}: {c}{tag}", values[:, j]) for j, c in enumerate(classes)]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write('{"type": "FeatureCollection", "features": [')
         for i in range(store.n_tiles):
             x, y = (float(v) for v in store.coords[i])
             ring = [[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]
-            tissue = _num(store.tissue[i])
-            measurements = {"tissue": tissue, **{k: _num(v[i]) for k, v in columns}}
+            values = {"tissue": _num(store.tissue[i]), **{k: _num(v[i]) for k, v in columns}}
+            measurements = {k: v for k, v in values.items() if v is not None}
+            properties: dict[str, Any] = {
+                "objectType": "tile",
+                "index": i,
+                "row": int(store.grid_rc[i, 0]),
+                "col": int(store.grid_rc[i, 1]),
+            }
+            if "tissue" in measurements:
+                properties["tissue"] = measurements["tissue"]
+            properties["measurements"] = measurements
             feature = {
                 "type": "Feature",
-                "id": str(i),
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": "tile",
-                    "index": i,
-                    "row": int(store.grid_rc[i, 0]),
-                    "col": int(store.grid_rc[i, 1]),
-                    "tissue": tissue,
-                    "measurements": measurements,
-                },
+                "properties": properties,
             }
             fh.write(("," if i else "") + "\n" + json.dumps(feature, allow_nan=False))
         fh.write("\n]}\n")

@@ -22,6 +22,10 @@ from .tissue import NoTissueWarning, TissueMask
 
 #: How tiles at the right and bottom edges are handled; recorded in provenance.
 EDGE_POLICY = "pad-white"
+#: Tiles may enlarge the slide at most this much (level-0 px per tile px >= 0.5).
+MIN_DOWNSAMPLE = 0.5
+#: Grids larger than this are refused (a 200,000 px square slide at 224 px has ~800,000).
+MAX_GRID_CELLS = 20_000_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,10 +201,21 @@ class TileGrid:
         the tissue on the slide covers `min_tissue` of the tile.
         """
         ds = slide.downsample_for_mpp(self.target_mpp)  # MissingMppError if unknown
+        if ds < MIN_DOWNSAMPLE:
+            raise GridError(
+                f"{slide.name}: tiles at {self.target_mpp} µm/px would enlarge the slide's "
+                f"{slide.mpp:.4g} µm/px pixels {1 / ds:.1f} times; use a target of at least "
+                f"{slide.mpp * MIN_DOWNSAMPLE:.3g} µm/px (or check the slide's pixel size)"
+            )
         tile_l0 = self.tile_px * ds
         stride_l0 = self.stride_px * ds
         width, height = slide.dimensions
         cols, rows = _count(width, tile_l0, stride_l0), _count(height, tile_l0, stride_l0)
+        if rows * cols > MAX_GRID_CELLS:
+            raise GridError(
+                f"{slide.name}: {rows} x {cols} grid cells is more than {MAX_GRID_CELLS:,}; "
+                "use a larger tile, less overlap or a coarser target mpp"
+            )
         origin = (0, 0)
         xs = origin[0] + np.rint(np.arange(cols) * stride_l0).astype(np.int64)
         ys = origin[1] + np.rint(np.arange(rows) * stride_l0).astype(np.int64)

@@ -55,8 +55,14 @@ def sample_slide_path(*, download: bool = True, timeout: float = 30.0) -> Path:
         return cached
     if not download:
         raise TilescopeError(f"the sample slide is not cached at {cached}")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=".download-", suffix=".svs")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=".download-", suffix=".svs")
+    except OSError as exc:
+        raise TilescopeError(
+            f"cannot write the sample slide's cache {cached.parent} ({exc}); set {ENV_VAR} to "
+            f"a local copy of {SAMPLE_NAME}"
+        ) from exc
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SAMPLE_URL, timeout=timeout) as r:

@@ -36,6 +36,8 @@ __all__ = [
 
 #: Largest heatmap raster (cells) before `heatmap` refuses; about 200 MB of float64 work arrays.
 MAX_CELLS = 25_000_000
+#: Attention pooling's default temperature, in cosine-similarity units.
+ATTENTION_TEMPERATURE = 0.05
 _SPLIT = re.compile(r"[;|]")
 
 
@@ -350,7 +352,7 @@ def pool(
     method: Literal["mean", "topk", "attention"] = "mean",
     *,
     k: int = 50,
-    temperature: float = 1.0,
+    temperature: float = ATTENTION_TEMPERATURE,
     weights: np.ndarray | None = None,
 ) -> PoolResult:
     """Pool patch scores into one slide-level score per class.
@@ -358,10 +360,14 @@ def pool(
     - ``mean``: ``score_c = sum_i w_i p_ic / sum_i w_i`` (w = 1 without `weights`); sums to 1.
     - ``topk`` (MI-Zero / CONCH): per class the mean of the ``min(k, N)`` largest patch logits,
       then softmax over classes; sums to 1. Patches with weight 0 are left out.
-    - ``attention``: per class ``a_ic = w_i exp(l_ic / T) / sum_j w_j exp(l_jc / T)`` (softmax
-      over patches of the class's logits l, temperature T) and ``score_c = sum_i a_ic p_ic``, an
-      attention-weighted mean probability; scores need not sum to 1. ``attention`` (N, C) holds
-      ``a`` for display. Small T approaches max-pooling, large T the mean.
+    - ``attention``: per class, attention over patches from that class's evidence,
+      ``a_ic = w_i exp(s_ic / T) / sum_j w_j exp(s_jc / T)`` with ``s`` the cosine similarity
+      and the temperature ``T`` in cosine units (default 0.05); the class's slide logit is the
+      attention-weighted mean of its patch logits, ``L_c = sum_i a_ic l_ic``, and the scores
+      are ``softmax_c(L)`` (sum to 1, comparable across classes). ``attention`` (N, C) holds
+      ``a`` for display. Small T approaches max-pooling (one tile decides), large T the mean
+      of logits; the default lets strong evidence count several times more than the rest
+      without letting a single outlier tile decide.
 
     ``weights`` are optional non-negative per-patch weights (e.g. tissue fraction).
 
@@ -380,8 +386,10 @@ def pool(
             "no tissue tiles to pool (the slide has no embedded tiles, or all weights are 0); "
             "check the tissue mask or lower min_tissue"
         )
-    probs = scores.probs.astype(np.float64)
-    logits = scores.logits.astype(np.float64)
+    # patches with weight 0 take no part (their rows may be NaN: tiles not embedded)
+    probs = np.where(keep[:, None], scores.probs, 0.0).astype(np.float64)
+    logits = np.where(keep[:, None], scores.logits, 0.0).astype(np.float64)
+    cosine = np.where(keep[:, None], scores.cosine, 0.0).astype(np.float64)
     attention = None
     if method == "mean":
         out = (w[:, None] * probs).sum(0) / w.sum()
@@ -393,9 +401,10 @@ def pool(
         if not temperature > 0:
             raise PromptError(f"temperature must be positive, got {temperature}")
         with np.errstate(divide="ignore"):
-            z = logits / temperature + np.log(w)[:, None]
+            z = cosine / temperature + np.log(w)[:, None]
         attention = _softmax(z, axis=0)
-        out = (attention.astype(np.float64) * probs).sum(0)
+        slide_logits = (attention.astype(np.float64) * logits).sum(0)
+        out = _softmax(slide_logits[None, :], axis=1)[0].astype(np.float64)
     else:
         raise PromptError(f"unknown pooling method {method!r}; use mean, topk or attention")
     result = {c: float(v) for c, v in zip(scores.classes, out, strict=True)}
@@ -440,12 +449,19 @@ def score_store(
     *,
     method: Literal["mean", "topk", "attention"] = "attention",
     k: int = 50,
-    temperature: float = 1.0,
+    temperature: float = ATTENTION_TEMPERATURE,
 ) -> tuple[PatchScores, PoolResult]:
-    """Score every tile of a complete store against a prompt set and pool to a slide label.
+    """Score every tile of a store against a prompt set and pool to a slide label.
 
     Only the text tower runs (`encode_text`); the image embeddings come from the store.
+    Tiles not embedded (failed to read, or not yet) are left out of the pooling, and their
+    rows of the scores are NaN.
     """
     text = text_matrix(prompts, encode_text)
     scores = score_patches(store.embeddings, text, logit_scale, prompts.class_names)
-    return scores, pool(scores, method, k=k, temperature=temperature)
+    done = np.asarray(store.done, bool)
+    if not done.all():
+        for arr in (scores.cosine, scores.logits, scores.probs):
+            arr[~done] = np.nan
+    pooled = pool(scores, method, k=k, temperature=temperature, weights=done.astype(float))
+    return scores, pooled

@@ -23,6 +23,7 @@ from .store import FORMAT_NAME, MODEL_IDENTITY_KEYS, EmbeddingStore
 __all__ = [
     "Match",
     "build_query",
+    "query_from_regions",
     "search_stores",
     "similarity",
     "tiles_in_shapes",
@@ -121,6 +122,36 @@ def build_query(
     return (q / norm).astype(np.float32)
 
 
+def query_from_regions(
+    store: EmbeddingStore,
+    positive_shapes: Iterable[ArrayLike],
+    negative_shapes: Iterable[ArrayLike] = (),
+    neg_weight: float = 1.0,
+    *,
+    empty_message: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The query of a store's regions: ``(query, positive rows, negative rows)``.
+
+    Only embedded tiles count (``store.done``): a tile whose read failed, or that an
+    interrupted run has not reached, is in neither set. The shapes are level-0 polygons as in
+    `tiles_in_shapes`; the query is `build_query` of the two sets.
+
+    Raises
+    ------
+    SearchError
+        The positive shapes hold no embedded tile (`empty_message`, if given, says so), or
+        positives and negatives cancel out.
+    """
+    done = store.done
+    pos = tiles_in_shapes(store.coords, store.tile_l0, positive_shapes)
+    pos = pos[done[pos]]
+    neg = tiles_in_shapes(store.coords, store.tile_l0, negative_shapes)
+    neg = neg[done[neg]]
+    if not len(pos) and empty_message is not None:
+        raise SearchError(empty_message)
+    return build_query(store.embeddings, pos, neg, neg_weight), pos, neg
+
+
 def similarity(embeddings: np.ndarray, query: np.ndarray) -> np.ndarray:
     """(N,) float32 cosine similarity of L2-normalised embeddings (N, D) to a unit query (D,)."""
     emb = np.asarray(embeddings)
@@ -194,7 +225,8 @@ def search_stores(
     query
         Unit query vector (D,), e.g. from `build_query`.
     stores
-        Store paths, or one folder whose ``*.zarr`` stores are all searched.
+        Store paths and folders of stores (every ``*.zarr`` embedding store in a folder is
+        searched; other zarr folders, e.g. exports, are skipped with a warning).
     model
         Provenance of the model the query came from (``Encoder.provenance()`` or a store's
         ``signature["model"]``); its weights_digest, trained and embed_dim (those it has) must
@@ -250,8 +282,13 @@ def _is_embedding_store(path: Path) -> bool:
 
 
 def _store_paths(stores: str | PathLike[str] | Sequence[str | PathLike[str]]) -> list[Path]:
-    if isinstance(stores, (str, PathLike)):
-        p = Path(stores)
+    """Store paths, each folder of stores expanded to its ``*.zarr`` stores; no duplicates."""
+    entries = [stores] if isinstance(stores, (str, PathLike)) else list(stores)
+    if not entries:
+        raise SearchError("no stores to search; pass store paths or a folder of .zarr stores")
+    paths: list[Path] = []
+    for entry in entries:
+        p = Path(entry)
         if p.is_dir() and p.suffix != ".zarr" and not (p / "zarr.json").exists():
             candidates = sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir())
             found = [c for c in candidates if _is_embedding_store(c)]
@@ -261,9 +298,13 @@ def _store_paths(stores: str | PathLike[str] | Sequence[str | PathLike[str]]) ->
                               f"(exports?): {other}", stacklevel=3)  # fmt: skip
             if not found:
                 raise SearchError(f"{p}: no Tilescope embedding stores (*.zarr) in this folder")
-            return found
-        return [p]
-    paths = [Path(s) for s in stores]
-    if not paths:
-        raise SearchError("no stores to search; pass store paths or a folder of .zarr stores")
-    return paths
+            paths += found
+        else:
+            paths.append(p)
+    seen: set[Path] = set()  # a store named twice (itself and in its folder) is searched once
+    unique = []
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique

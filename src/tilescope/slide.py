@@ -36,7 +36,13 @@ SLIDE_SUFFIXES = (
 #: 0.5 µm/px without resampling.
 MPP_TOLERANCE = 0.02
 
+#: Recorded pixel sizes outside this range (µm/px) are treated as missing: whole-slide scanners
+#: work between about 0.1 (100x) and 10 (1x); 72 or 96 dpi "resolutions" are not microscopes.
+PLAUSIBLE_MPP = (0.05, 25.0)
+
 _HEADER_BYTES = 1 << 20
+#: Whole-slide reads above this many level pixels go strip by strip (bounded memory).
+_MAX_READ_PX = 1 << 26
 
 
 def _openslide() -> Any:
@@ -100,7 +106,7 @@ class Slide:
             raise SlideError(self.path, f"mpp override must be a positive number, got {mpp!r}")
         self._mpp_override = None if mpp is None else float(mpp)
         self._local = threading.local()
-        self._handles: list[Any] = []
+        self._handles: list[tuple[threading.Thread, Any]] = []
         self._lock = threading.Lock()
         self._check_file()
         _ = self._osr  # open now so a bad file fails here, not later
@@ -139,8 +145,13 @@ class Slide:
                     self.path, f"OpenSlide failed to open it: {exc}"
                 ) from exc
             self._local.osr = osr
+            me = threading.current_thread()
             with self._lock:
-                self._handles.append(osr)
+                ended = [h for t, h in self._handles if not t.is_alive()]
+                self._handles = [(t, h) for t, h in self._handles if t.is_alive()]
+                self._handles.append((me, osr))
+            for h in ended:  # threads that finished without close_thread_handle (pools)
+                h.close()
         return osr
 
     def close_thread_handle(self) -> None:
@@ -155,13 +166,13 @@ class Slide:
             return
         self._local.osr = None
         with self._lock:
-            self._handles = [h for h in self._handles if h is not osr]
+            self._handles = [(t, h) for t, h in self._handles if h is not osr]
         osr.close()
 
     def close(self) -> None:
         """Close every handle opened by any thread."""
         with self._lock:
-            for osr in self._handles:
+            for _, osr in self._handles:
                 osr.close()
             self._handles.clear()
         self._local = threading.local()
@@ -211,15 +222,13 @@ class Slide:
     def _native_mpp(self) -> tuple[float | None, float | None, str]:
         props = self.properties
         x, y = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
-        if x and y:
-            return x, y, "slide"
-        # Generic TIFFs: OpenSlide may not translate resolution tags; do it here.
-        unit = props.get("tiff.ResolutionUnit", "").lower()
-        rx, ry = _float(props.get("tiff.XResolution")), _float(props.get("tiff.YResolution"))
-        per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-        if per_um and rx and ry:
-            return per_um / rx, per_um / ry, "tiff-resolution"
-        return None, None, "missing"
+        if not (x and y):
+            return None, None, "missing"
+        lo, hi = PLAUSIBLE_MPP
+        if not (lo <= x <= hi and lo <= y <= hi):
+            # e.g. a TIFF saved at a screen's 72 dpi: 352.8 µm/px is no microscope's
+            return None, None, f"implausible ({x:.4g} x {y:.4g} µm/px recorded)"
+        return x, y, "slide"
 
     @property
     def mpp_x(self) -> float | None:
@@ -241,10 +250,16 @@ class Slide:
     def mpp(self) -> float:
         """Level-0 µm per pixel (mean of x and y). Raises `MissingMppError` if unknown."""
         if self.mpp_x is None or self.mpp_y is None:
+            source = self.mpp_source
+            what = (
+                "does not record its pixel size (microns per pixel)"
+                if source == "missing"
+                else f"records a pixel size that is no microscope's: {source}"
+            )
             raise MissingMppError(
                 self.path,
-                "the slide does not record its pixel size (microns per pixel); pass it "
-                "explicitly, e.g. `--slide-mpp 0.25` on the command line or `mpp=0.25` in Python",
+                f"the slide {what}; pass it explicitly, e.g. `--slide-mpp 0.25` on the command "
+                "line or `mpp=0.25` in Python",
             )
         return (self.mpp_x + self.mpp_y) / 2
 
@@ -320,36 +335,62 @@ class Slide:
         Reads from the closest level at or finer than `mpp` and resizes with antialiasing, unless
         that level is already within `MPP_TOLERANCE` of `mpp`.
         """
-        downsample = self.downsample_for_mpp(mpp)
+        return self.read_scaled(location, size, self.downsample_for_mpp(mpp))
+
+    def read_scaled(
+        self, location: tuple[int, int], size: tuple[int, int], downsample: float
+    ) -> np.ndarray:
+        """`size` (w, h) pixels at `downsample` level-0 px per pixel, top-left at `location`.
+
+        Reads the best level at or finer than `downsample`; resizes with antialiasing unless
+        that level's downsample is `downsample` itself.
+        """
         level = self.best_level_for_downsample(downsample)
-        level_ds = self.level_downsamples[level]
-        scale = downsample / level_ds  # level pixels per output pixel
+        scale = downsample / self.level_downsamples[level]  # level pixels per output pixel
         w, h = int(size[0]), int(size[1])
-        if abs(scale - 1) <= MPP_TOLERANCE:
+        if abs(scale - 1) <= 1e-9:
             return self.read_region(location, level, (w, h))
         lw, lh = max(1, round(w * scale)), max(1, round(h * scale))
         return resize_rgb(self.read_region(location, level, (lw, lh)), (w, h))
 
     def downsample_for_mpp(self, mpp: float) -> float:
-        """Level-0 pixels per pixel at `mpp`; exactly 1.0 when within tolerance of the base."""
+        """Level-0 pixels per pixel at `mpp`, snapped to a pyramid level's downsample within
+        `MPP_TOLERANCE` (so a 0.499 µm/px slide is read at 0.5 without resampling, and the grid
+        and the tile reads agree on every level)."""
         if not (math.isfinite(mpp) and mpp > 0):
             raise SlideError(self.path, f"target mpp must be positive, got {mpp!r}")
         ds = mpp / self.mpp
-        return 1.0 if abs(ds - 1) <= MPP_TOLERANCE else ds
+        for level_ds in self.level_downsamples:
+            if abs(ds / level_ds - 1) <= MPP_TOLERANCE:
+                return level_ds
+        return ds
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """RGB uint8 thumbnail whose longer side is at most `max_size`."""
-        img = self._osr.get_thumbnail((max_size, max_size))
-        return _rgba_to_rgb(np.asarray(img.convert("RGBA")))
+        """RGB uint8 thumbnail whose longer side is `max_size` (or the slide's, if smaller)."""
+        return self.read_level_downsampled(max(1.0, max(self.dimensions) / max_size))
 
     def read_level_downsampled(self, downsample: float) -> np.ndarray:
-        """The whole slide at (about) `downsample` from the best level; for masks and overviews."""
+        """The whole slide at `downsample` level-0 px per pixel, from the best level.
+
+        For masks and overviews. A slide without a coarse enough level (a single-level TIFF,
+        say) is read in horizontal strips, each reduced at once, so memory stays bounded
+        (slowly: every pixel is decoded).
+        """
+        w0, h0 = self.dimensions
+        w, h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
         level = self.best_level_for_downsample(downsample)
         lw, lh = self.level_dimensions[level]
-        img = self.read_region((0, 0), level, (lw, lh))
-        scale = self.level_downsamples[level] / downsample
-        out = (max(1, round(lw * scale)), max(1, round(lh * scale)))
-        return img if out == (lw, lh) else resize_rgb(img, out)
+        if lw * lh <= _MAX_READ_PX:
+            return self.read_scaled((0, 0), (w, h), downsample)
+        level_ds = self.level_downsamples[level]
+        rows = max(1, int(_MAX_READ_PX // 4 // lw * level_ds / downsample))  # output rows/strip
+        out = np.empty((h, w, 3), np.uint8)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            y0, y1 = round(r0 * downsample), min(h0, round(r1 * downsample))
+            strip = self.read_region((0, y0), level, (lw, max(1, round((y1 - y0) / level_ds))))
+            out[r0:r1] = resize_rgb(strip, (w, r1 - r0))
+        return out
 
     def multiscale(self, min_size: int = 1024) -> list[LazyLevel]:
         """Lazy array-likes for napari, finest first, down to about `min_size` px."""
@@ -409,16 +450,8 @@ class LazyLevel:
         return out[:, :, cs]
 
     def _read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        s = self.slide
         ds = self.downsample
-        level = s.best_level_for_downsample(ds)
-        level_ds = s.level_downsamples[level]
-        loc = (round(x * ds), round(y * ds))
-        scale = ds / level_ds
-        if abs(scale - 1) <= 1e-6:
-            return s.read_region(loc, level, (w, h))
-        lw, lh = max(1, round(w * scale)), max(1, round(h * scale))
-        return resize_rgb(s.read_region(loc, level, (lw, lh)), (w, h))
+        return self.slide.read_scaled((round(x * ds), round(y * ds)), (w, h), ds)
 
 
 def _bounds(key: Any, n: int) -> tuple[int, int, int]:
@@ -457,11 +490,12 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     rgb = np.ascontiguousarray(rgba[..., :3])
     if alpha.min() == 255:
         return rgb
-    # OpenSlide returns premultiplied ARGB converted to straight RGBA by Pillow; fully
-    # transparent pixels are (0, 0, 0, 0). Blend over white.
-    a = alpha[..., None].astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    # openslide-python hands out straight (not premultiplied) RGBA; fully transparent pixels
+    # are (0, 0, 0, 0). Blend over white, in integers and only where alpha < 255.
+    where = alpha < 255
+    a = alpha[where].astype(np.uint32)[:, None]
+    rgb[where] = ((rgb[where] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return rgb
 
 
 def _float(value: str | None) -> float | None:

@@ -10,7 +10,9 @@ Layout (zarr v3, a directory ``NAME.zarr``; any zarr v3 reader can read it)::
       embeddings  (N, D) float32 L2-normalised image embeddings (after the model's projection),
                                  uncompressed chunks of chunk_rows (4096) x D; a row whose
                                  done flag is 0 is not valid (fill value 0)
-      done        (N,)   uint8   1 once the embeddings row is written, else 0
+      done        (N,)   uint8   1 once the embeddings row is written; 2 the tile could not be
+                                 read (listed in "tilescope_failures", row stays zeros); 0 not
+                                 yet
       scores/<name>/             one group per saved scoring: attribute "tilescope_scores" =
                                  meta (classes, prompts, templates, logit_scale, model_id);
                                  arrays cosine, logits, probs (N, C) float32
@@ -57,6 +59,8 @@ from ._version import __version__
 from .errors import StoreCorruptError, StoreError, StoreMismatchError
 
 FORMAT_NAME = "tilescope-embeddings"
+#: Values of the ``done`` array.
+TODO, DONE, FAILED = 0, 1, 2
 FORMAT_VERSION = 1
 CHUNK_ROWS = 4096
 #: Staged rows are written at least this often (seconds), bounding what a killed writer loses.
@@ -64,9 +68,14 @@ FLUSH_SECONDS = 5.0
 ARRAYS = ("coords", "grid_rc", "tissue", "embeddings", "done")
 #: Model provenance keys that must match to resume a store or search across stores.
 # Not model_id: the same weights loaded from the hub or from a local folder are the same model.
-MODEL_IDENTITY_KEYS = ("weights_digest", "trained", "embed_dim")
+MODEL_IDENTITY_KEYS = (
+    "weights_digest", "trained", "embed_dim", "image_size", "mean", "std", "resize_mode",
+    "interpolation",
+)  # fmt: skip
 _SIGNATURE_PARTS = ("model", "grid", "layout", "slide", "level0_mpp")
-_IGNORED_KEYS = ("created", "completed", "complete", "chunk_rows", "tilescope_version")
+_IGNORED_KEYS = (
+    "created", "completed", "complete", "chunk_rows", "tilescope_version", "n_failed",
+)  # fmt: skip
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -95,9 +104,12 @@ class EmbeddingStore:
         self._arr = {name: cast(zarr.Array, group[name]) for name in ARRAYS}
         self._staged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._emb_cache: np.ndarray | None = None
+        self._lock: _WriterLock | None = None  # a writer's lock, held while this object lives
         self.flush_seconds = FLUSH_SECONDS
         self._flushed_at = time.monotonic()
-        self._done = np.asarray(self._arr["done"][:], dtype=bool)
+        flags = np.asarray(self._arr["done"][:])
+        self._done = flags == DONE
+        self._failed = flags == FAILED
         emb = self._arr["embeddings"]
         self.n_tiles, self.embed_dim = int(emb.shape[0]), int(emb.shape[1])
         self.chunk_rows = int(emb.chunks[0])
@@ -167,6 +179,27 @@ class EmbeddingStore:
         if int(embed_dim) < 1 or chunk_rows < 1:
             raise StoreError(f"{p}: embed_dim and chunk_rows must be positive")
         sig = _full_signature(p, signature, n=n, embed_dim=int(embed_dim), chunk_rows=chunk_rows)
+        lock = _WriterLock(p)  # one writer per store; released by close() or when dropped
+        try:
+            store = cls._create_or_resume(p, sig, coords, grid_rc, tissue, overwrite, chunk_rows)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        return store
+
+    @classmethod
+    def _create_or_resume(
+        cls,
+        p: Path,
+        sig: dict[str, Any],
+        coords: np.ndarray,
+        grid_rc: np.ndarray,
+        tissue: np.ndarray,
+        overwrite: bool,
+        chunk_rows: int,
+    ) -> EmbeddingStore:
+        n, embed_dim = len(coords), int(sig["embed_dim"])
         if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
             pass  # an empty folder holds nothing to lose: create the store in it
         elif p.exists() or p.is_symlink():
@@ -203,6 +236,8 @@ class EmbeddingStore:
         self, sig: dict[str, Any], coords: np.ndarray, grid_rc: np.ndarray, tissue: np.ndarray
     ) -> None:
         diffs = signature_differences(self._sig, sig)
+        if self.complete:  # nothing left to write: another tilescope version may reuse it
+            diffs = [d for d in diffs if not d.startswith("tilescope_version")]
         if not diffs:
             if not np.array_equal(self.coords, coords) or not np.array_equal(self.grid_rc, grid_rc):
                 diffs.append("tile coordinates differ from the requested layout")
@@ -220,6 +255,15 @@ class EmbeddingStore:
 
     def __exit__(self, *exc: object) -> None:
         self.flush()
+        self.close()
+
+    def close(self) -> None:
+        """Flush staged rows (if writable) and let other writers in."""
+        if not self.read_only:
+            self.flush()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"{self.n_done}/{self.n_tiles} done"
@@ -260,9 +304,11 @@ class EmbeddingStore:
     def n_done(self) -> int:
         return int(self._done.sum())
 
-    def todo_indices(self) -> np.ndarray:
-        """Rows neither done on disk nor staged in memory, ascending (int64)."""
-        todo = ~self._done
+    def todo_indices(self, *, include_failed: bool = False) -> np.ndarray:
+        """Rows neither done on disk nor staged in memory, ascending (int64).
+
+        Rows recorded as failed are left out unless `include_failed` (to retry them)."""
+        todo = ~self._done if include_failed else ~(self._done | self._failed)
         rows = self.chunk_rows
         for c, (_, staged) in self._staged.items():
             todo[c * rows : c * rows + len(staged)] &= ~staged
@@ -311,7 +357,7 @@ class EmbeddingStore:
             )
             buf[idx[a:b] - c0] = emb[a:b]
             staged[idx[a:b] - c0] = True
-            if np.all(staged | self._done[c0:c1]):
+            if np.all(staged | self._done[c0:c1] | self._failed[c0:c1]):
                 self._flush_chunk(c)
         if self._staged and time.monotonic() - self._flushed_at > self.flush_seconds:
             self.flush()
@@ -323,18 +369,33 @@ class EmbeddingStore:
         self._flushed_at = time.monotonic()
 
     def record_failures(self, failures: Iterable[tuple[int, str]]) -> None:
-        """Flush, then note tiles that could not be embedded (``attrs["tilescope_failures"]``,
-        a list of ``{"index", "message"}``). They stay not done and are retried on resume."""
+        """Flush, then mark tiles that could not be read as failed (``done`` = 2) and list them
+        in ``attrs["tilescope_failures"]`` (``{"index", "message"}``), together with earlier
+        failures that are still not embedded. Failed rows are not retried on resume unless
+        asked (`todo_indices(include_failed=True)`); they do not keep a store from completing.
+        """
         self._check_writable()
         self.flush()
+        merged = {i: m for i, m in self.failures if not self._done[i]}
+        merged.update((int(i), str(m)) for i, m in failures)
+        idx = np.array(sorted(merged), dtype=np.int64)
+        for a, b in _runs(idx):
+            self._arr["done"][a:b] = FAILED
+        self._failed[:] = False
+        self._failed[idx] = True
         rows: list[dict[str, int | str]] = [
-            {"index": int(i), "message": str(m)} for i, m in failures
+            {"index": int(i), "message": merged[int(i)]} for i in idx
         ]
-        self._group.attrs["tilescope_failures"] = rows
+        if rows or "tilescope_failures" in self._group.attrs:
+            self._group.attrs["tilescope_failures"] = rows
+
+    @property
+    def n_failed(self) -> int:
+        return int(self._failed.sum())
 
     @property
     def failures(self) -> list[tuple[int, str]]:
-        """Tiles recorded by the last `record_failures`."""
+        """Tiles that could not be read and are not embedded: (row, message)."""
         rows = self._group.attrs.get("tilescope_failures") or []
         # JSON written by record_failures: a list of {"index": int, "message": str}
         return [(int(r["index"]), str(r["message"])) for r in cast(list[dict[str, Any]], rows)]
@@ -354,21 +415,27 @@ class EmbeddingStore:
         for a, b in runs:  # data first ...
             self._arr["embeddings"][c0 + a : c0 + b] = buf[a:b]
         for a, b in runs:  # ... then the flags, so a done row always holds its final data
-            self._arr["done"][c0 + a : c0 + b] = 1
+            self._arr["done"][c0 + a : c0 + b] = DONE
             self._done[c0 + a : c0 + b] = True
+            self._failed[c0 + a : c0 + b] = False
         del self._staged[c]
 
     def finalize(self) -> None:
-        """Flush, check every row is done and mark the store complete."""
+        """Flush, check every row is done (or recorded as failed) and mark the store complete.
+
+        A complete store may hold failed rows (``n_failed`` in the signature): they are zeros,
+        ``done`` = 2, and scoring, search and export leave them out.
+        """
         self._check_writable()
         self.flush()
-        if not self._done.all():
+        left = int((~(self._done | self._failed)).sum())
+        if left:
             raise StoreError(
-                f"{self.path}: {self.n_tiles - self.n_done} of {self.n_tiles} tiles are not "
-                "embedded yet; run the same command again to resume"
+                f"{self.path}: {left} of {self.n_tiles} tiles are not embedded yet; run the "
+                "same command again to resume"
             )
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._sig = {**self._sig, "complete": True, "completed": now}
+        self._sig = {**self._sig, "complete": True, "completed": now, "n_failed": self.n_failed}
         self._group.attrs["tilescope"] = self._sig
 
     def _check_writable(self) -> None:
@@ -496,7 +563,9 @@ def _open_group(p: Path, *, read_only: bool) -> zarr.Group:
         raise StoreCorruptError(f"{p}: not a readable zarr v3 group ({exc}); {hint}") from exc
     if not isinstance(sig, Mapping) or sig.get("format") != FORMAT_NAME:
         raise StoreCorruptError(f"{p}: not a Tilescope embedding store (no signature); {hint}")
-    if not isinstance(sig.get("format_version"), int) or sig["format_version"] > FORMAT_VERSION:
+    if not isinstance(sig.get("format_version"), int):
+        raise StoreCorruptError(f"{p}: damaged signature (no integer format_version); {hint}")
+    if sig["format_version"] > FORMAT_VERSION:
         raise StoreError(
             f"{p}: store format {sig.get('format_version')!r} is newer than this "
             f"tilescope ({FORMAT_VERSION}); upgrade tilescope"
@@ -529,6 +598,54 @@ def _open_group(p: Path, *, read_only: bool) -> zarr.Group:
     if read_only:
         return group
     return zarr.open_group(LocalStore(p), mode="r+", zarr_format=3, use_consolidated=False)
+
+
+class _WriterLock:
+    """An exclusive flock on ``.NAME.zarr.lock`` beside the store, removed when released.
+
+    The OS drops a flock when its file closes or its process dies, so a killed writer leaves
+    no stale lock. The file is checked to still be the one at the path after locking (another
+    writer may have released and removed it meanwhile), the usual pattern for lock files
+    that are deleted. Without fcntl (Windows) nothing is locked.
+    """
+
+    def __init__(self, p: Path) -> None:
+        self.path = p.with_name(f".{p.name}.lock")
+        self.fh: Any = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fh = open(self.path, "a+")  # noqa: SIM115 - held while writing
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                raise StoreError(
+                    f"{p}: another writer (a tilescope run here or in napari) is embedding "
+                    "into this store right now; wait for it to finish, or stop it and run "
+                    "again to resume"
+                ) from None
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fh = fh
+                return
+            fh.close()  # locked a file its owner had just removed: try again
+        raise StoreError(f"{p}: could not lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.path.unlink(missing_ok=True)  # while still locked, then unlock
+            self.fh.close()
+            self.fh = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _remove(p: Path) -> None:

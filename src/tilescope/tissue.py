@@ -222,7 +222,7 @@ def _detect(slide: Slide, **p: Any) -> TissueMask:
     w0, h0 = slide.dimensions
     ds = p["mask_mpp"] / slide_mpp
     ds = max(1.0, min(ds, max(w0, h0) / p["min_mask_px"]))
-    rgb = _read_low_res(slide, ds)
+    rgb = slide.read_level_downsampled(ds)
     h, w = rgb.shape[:2]
     ds_eff = (w0 / w + h0 / h) / 2  # exact extent of the mask in level-0 px
     px_um = ds_eff * slide_mpp
@@ -239,35 +239,6 @@ def _detect(slide: Slide, **p: Any) -> TissueMask:
             stacklevel=3,
         )
     return tm
-
-
-#: Above this many pixels the level is read in horizontal strips (bounded memory).
-_MAX_LEVEL_PX = 1 << 26
-
-
-def _read_low_res(slide: Slide, ds: float) -> np.ndarray:
-    """The whole slide at about `ds` level-0 px per pixel, from the best level.
-
-    A slide without a coarse enough level (e.g. a single-level TIFF) is read strip by strip,
-    each strip reduced at once, so memory stays bounded (slowly: every pixel is decoded).
-    """
-    from .slide import resize_rgb
-
-    level = slide.best_level_for_downsample(ds)
-    lw, lh = slide.level_dimensions[level]
-    if lw * lh <= _MAX_LEVEL_PX:
-        return slide.read_level_downsampled(ds)
-    level_ds = slide.level_downsamples[level]
-    w0, h0 = slide.dimensions
-    w, h = max(1, round(w0 / ds)), max(1, round(h0 / ds))
-    rows = max(1, int(_MAX_LEVEL_PX // 4 // lw * level_ds / ds))  # mask rows per strip
-    out = np.empty((h, w, 3), np.uint8)
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        y0, y1 = round(r0 * ds), min(h0, round(r1 * ds))
-        strip = slide.read_region((0, y0), level, (lw, max(1, round((y1 - y0) / level_ds))))
-        out[r0:r1] = resize_rgb(strip, (w, r1 - r0))
-    return out
 
 
 # optical density of each uint8 value, -log10 of transmitted light

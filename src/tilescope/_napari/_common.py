@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 _ENCODERS: dict[tuple[str, str | None], Encoder] = {}
 _ENCODER_LOCK = threading.Lock()
 
-MODEL_CHOICES = ["biomedclip", "tiny-random"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 DEFAULT_STORE_DIR = Path.home() / "tilescope" / "stores"
 #: Appended to the names of layers computed with an untrained model (short, fits a layer list).
@@ -121,15 +120,13 @@ def slide_layers(viewer: napari.Viewer) -> list[Any]:
     return [ly for ly in viewer.layers if "path" in ly.metadata.get("tilescope", {})]
 
 
-def slide_layer_choices(widget: Any) -> list[tuple[str, Any]]:
-    """magicgui choices callback: the slide layers of the viewer the widget lives in."""
-    viewer = getattr(widget, "_tilescope_viewer", None)
-    if viewer is None:
-        parent = getattr(widget, "parent", None)
-        viewer = getattr(parent, "_viewer", None)
-    if viewer is None:
-        return []
-    return [(ly.name, ly) for ly in slide_layers(viewer)]
+def slide_choices(viewer: napari.Viewer) -> Callable[..., list[tuple[str, Any]]]:
+    """A magicgui ``choices`` callback listing `viewer`'s slide layers as (name, layer)."""
+
+    def choices(_: Any = None) -> list[tuple[str, Any]]:
+        return [(ly.name, ly) for ly in slide_layers(viewer)]
+
+    return choices
 
 
 def store_of(layer: Any) -> Path | None:
@@ -156,11 +153,6 @@ def require_store(layer: Any) -> Path:
             )
         path = guess
     return path
-
-
-def find_layer(viewer: napari.Viewer, name: str) -> Any | None:
-    """The layer called `name`, or None."""
-    return viewer.layers[name] if name in viewer.layers else None
 
 
 def camera_of(viewer: napari.Viewer) -> Any:

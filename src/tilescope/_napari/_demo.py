@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..demo import DEFAULT_PROMPTS, TEMPLATES, UNTRAINED_BANNER, demo_encoder, query_box
+from ..demo import DEFAULT_PROMPTS, TEMPLATES, demo_encoder, query_box, untrained_notice
 from ..embed import embed_slide, store_path_for
 from ..models import DEFAULT_MODEL
 from ._common import _preload_triton, notify_warning, open_store, register_encoder
@@ -93,11 +93,9 @@ def launch(slide: Path, out: Path, model: str | None, device: str | None) -> int
     show_heatmaps(viewer, slide, store_path, encoder)
     show_search(viewer, slide, store_path, _demo_query(store_path, encoder))
     embed._out_dir.value = out  # embedding again from the widget reuses the demo's store
-    name = "biomedclip" if encoder.model_id == DEFAULT_MODEL else encoder.model_id
-    if name in embed._model.choices:
-        embed._model.value = name
+    embed._model.value = "biomedclip" if encoder.model_id == DEFAULT_MODEL else encoder.model_id
     viewer.reset_view()  # the whole slide with the matches (Next/Previous zoom in)
     if not encoder.trained:
-        notify_warning(UNTRAINED_BANNER)
+        notify_warning(untrained_notice(model))
     napari.run()
     return 0

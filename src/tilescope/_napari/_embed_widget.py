@@ -16,6 +16,7 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
+    LineEdit,
     PushButton,
     SpinBox,
 )
@@ -25,10 +26,10 @@ from ..grid import TileGrid
 from ._common import (
     DEFAULT_STORE_DIR,
     DEVICE_CHOICES,
-    MODEL_CHOICES,
     get_encoder,
     notify_error,
     notify_info,
+    slide_choices,
     slide_layers,
     start_worker,
     untrained_suffix,
@@ -36,6 +37,12 @@ from ._common import (
 
 if TYPE_CHECKING:
     import napari
+
+MODEL_TOOLTIP = (
+    "The model: biomedclip (default), tiny-random (small, UNTRAINED: for trying the pipeline), "
+    "an open_clip hub id (hf-hub:ORG/REPO), the path of a local snapshot folder (or "
+    "local-dir:/path), or an open_clip built-in with its weights tag (ViT-B-32:laion2b_s34b_b79k)"
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,9 @@ class EmbedWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = viewer
-        self._slide = ComboBox(label="slide", choices=self._slide_choices)
-        self._model = ComboBox(label="model", choices=MODEL_CHOICES, value=MODEL_CHOICES[0])
+        self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
+        # a free-text field: any model load_encoder takes (a combo box offers only a fixed list)
+        self._model = LineEdit(label="model", value="biomedclip", tooltip=MODEL_TOOLTIP)
         self._mpp = FloatSpinBox(label="µm / px", value=0.5, min=0.05, max=32.0, step=0.05)
         self._tile = SpinBox(label="tile px", value=224, min=16, max=4096)
         self._overlap = SpinBox(label="overlap px", value=0, min=0, max=4095)
@@ -91,9 +99,6 @@ class EmbedWidget(Container):
         self.synchronous = False  # run the button inline (tests)
         self.last_result: EmbedResult | None = None
 
-    def _slide_choices(self, _: Any = None) -> list[tuple[str, Any]]:
-        return [(ly.name, ly) for ly in slide_layers(self._viewer)]
-
     # -- the work, usable synchronously in tests ---------------------------------------------
     def request(self) -> EmbedRequest:
         layer = self._slide.value
@@ -102,11 +107,16 @@ class EmbedWidget(Container):
 
             raise TilescopeError("open a slide first (File > Open, or File > Open Sample)")
         slide_path = Path(layer.metadata["tilescope"]["path"])
+        model = str(self._model.value).strip()
+        if not model:
+            from ..errors import ModelError
+
+            raise ModelError("type a model: biomedclip, tiny-random, hf-hub:ORG/REPO or a folder")
         tile = int(self._tile.value)
         return EmbedRequest(
             slide_path=slide_path,
             store_path=store_path_for(slide_path, str(self._out_dir.value)),
-            model=str(self._model.value),
+            model=model,
             device=None if self._device.value == "auto" else str(self._device.value),
             grid=TileGrid(
                 target_mpp=float(self._mpp.value), tile_px=tile, overlap_px=int(self._overlap.value)

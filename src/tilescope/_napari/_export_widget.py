@@ -11,7 +11,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Pus
 
 from ..errors import TilescopeError
 from ..export import export_store
-from ._common import notify_error, notify_info, require_store, slide_layers, start_worker
+from ._common import notify_error, notify_info, require_store, slide_choices, start_worker
 
 if TYPE_CHECKING:
     import napari
@@ -40,7 +40,7 @@ class ExportWidget(Container):
         super().__init__()
         self._viewer = viewer
         self.synchronous = False
-        self._slide = ComboBox(label="slide", choices=self._slide_choices)
+        self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
         self._format = ComboBox(label="format", choices=["zarr", "geojson"], value="zarr")
         self._dtype = ComboBox(label="dtype", choices=["float16", "float32"], value="float16")
         self._out = FileEdit(label="output", mode=FileDialogMode.OPTIONAL_FILE)
@@ -61,9 +61,6 @@ class ExportWidget(Container):
         viewer.layers.events.removed.connect(self._slide.reset_choices)
         self.last_output: Path | None = None
         self._suggest_out()
-
-    def _slide_choices(self, _: Any = None) -> list[tuple[str, Any]]:
-        return [(ly.name, ly) for ly in slide_layers(self._viewer)]
 
     def _sync_enabled(self, _: Any = None) -> None:
         self._dtype.enabled = self._format.value == "zarr"
@@ -96,8 +93,7 @@ class ExportWidget(Container):
         )  # fmt: skip
 
     def compute(self, req: ExportRequest) -> Path:
-        req.out.parent.mkdir(parents=True, exist_ok=True)
-        return export_store(
+        return export_store(  # creates the output's folder
             req.store_path, req.out, dtype=req.dtype, fmt=req.fmt,  # type: ignore[arg-type]
             scores=None if req.include_scores else [], overwrite=req.overwrite,
         )  # fmt: skip

@@ -46,7 +46,7 @@ from ._common import (
     open_store,
     require_store,
     row,
-    slide_layers,
+    slide_choices,
     start_worker,
     untrained_suffix,
 )
@@ -76,7 +76,7 @@ class HeatmapRequest:
     templates: list[str]
     pooling: str = "attention"
     k: int = 50
-    temperature: float = 1.0
+    temperature: float = 0.05
     smooth: float = 0.0
     save_as: str | None = None
 
@@ -111,7 +111,7 @@ class PromptHeatmapWidget(Container):
         super().__init__()
         self._viewer = viewer
         self.synchronous = False
-        self._slide = ComboBox(label="slide", choices=self._slide_choices)
+        self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
         self._prompts = TextEdit(label="classes", value=DEFAULT_PROMPTS)
         self._prompts.tooltip = "One class per line: 'name: prompt; another prompt'"
         self._prompts.native.setMinimumHeight(84)
@@ -124,7 +124,11 @@ class PromptHeatmapWidget(Container):
             "patch logits per class (MI-Zero); mean: mean patch probability"
         )
         self._k = SpinBox(label="k", value=50, min=1, max=100_000)
-        self._temperature = FloatSpinBox(label="T", value=1.0, min=0.01, max=100.0, step=0.1)
+        self._temperature = FloatSpinBox(label="T", value=0.05, min=0.005, max=10.0, step=0.005)
+        self._temperature.tooltip = (
+            "Attention temperature in cosine-similarity units: lower focuses the slide call on "
+            "fewer, more typical tiles"
+        )
         self._smooth = FloatSpinBox(
             label="smooth", value=0.0, min=0.0, max=10.0, step=0.5,
             tooltip="Gaussian smoothing of the heatmaps, in tile strides (0 = none)",
@@ -155,15 +159,11 @@ class PromptHeatmapWidget(Container):
         self._templates.changed.connect(self._on_prompt_edit)
         viewer.layers.events.inserted.connect(self._slide.reset_choices)
         viewer.layers.events.removed.connect(self._slide.reset_choices)
-        self._seq = 0
         self._busy = False
         self._pending = False
         self._timer: Any = None
         self.last_result: HeatmapResult | None = None
         self._sync_enabled()
-
-    def _slide_choices(self, _: Any = None) -> list[tuple[str, Any]]:
-        return [(ly.name, ly) for ly in slide_layers(self._viewer)]
 
     def _sync_enabled(self, _: Any = None) -> None:
         self._k.enabled = self._pooling.value == "topk"
@@ -270,19 +270,13 @@ class PromptHeatmapWidget(Container):
         except Exception as exc:
             self._on_error(exc)
             return
-        self._busy = True
-        self._seq += 1
-        seq = self._seq
+        self._busy = True  # one run at a time: presses meanwhile re-run once it finishes
         self._run.enabled = False
         self._status.value = "scoring ..."
         start_worker(
-            self.compute, req, returned=lambda r: self._on_done(seq, r),
-            errored=self._on_error, finished=self._on_finished, sync=self.synchronous,
+            self.compute, req, returned=self.apply, errored=self._on_error,
+            finished=self._on_finished, sync=self.synchronous,
         )  # fmt: skip
-
-    def _on_done(self, seq: int, result: HeatmapResult) -> None:
-        if seq == self._seq:
-            self.apply(result)
 
     def _on_error(self, exc: BaseException) -> None:
         self._status.value = f"error: {exc}"

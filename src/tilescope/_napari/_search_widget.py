@@ -29,7 +29,7 @@ from magicgui.widgets import (
 
 from ..errors import SearchError
 from ..score import TileGeometry, heatmap
-from ..search import Match, build_query, search_stores, similarity, tiles_in_shapes, top_k
+from ..search import Match, query_from_regions, search_stores, similarity, top_k
 from ._common import (
     UNTRAINED_TAG,
     camera_of,
@@ -38,6 +38,7 @@ from ._common import (
     open_store,
     require_store,
     row,
+    slide_choices,
     slide_layers,
     start_worker,
 )
@@ -70,7 +71,7 @@ class SearchRequest:
     negative: list[np.ndarray] = field(default_factory=list)
     neg_weight: float = 1.0
     k: int = 10
-    exclude_query: bool = False
+    exclude_query: bool = True
 
 
 @dataclass
@@ -102,7 +103,7 @@ class RegionSearchWidget(Container):
         super().__init__()
         self._viewer = viewer
         self.synchronous = False
-        self._slide = ComboBox(label="slide", choices=self._slide_choices)
+        self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
         self._positive = ComboBox(label="like this", choices=self._shape_choices)
         self._negative = ComboBox(label="not like this", choices=self._negative_choices)
         self._draw = PushButton(text="Draw 'like this'")
@@ -110,7 +111,8 @@ class RegionSearchWidget(Container):
         self._neg_weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=5.0, step=0.1)
         self._neg_weight.tooltip = "How strongly 'not like this' pushes the query away"
         self._k = SpinBox(label="matches", value=10, min=1, max=1000)
-        self._exclude = CheckBox(text="leave query tiles out")
+        self._exclude = CheckBox(text="leave query tiles out", value=True)
+        self._exclude.tooltip = "Do not list the tiles of the query region among the matches"
         self._search = PushButton(text="Search this slide")
         self._prev = PushButton(text="< Previous")
         self._next = PushButton(text="Next >")
@@ -148,9 +150,6 @@ class RegionSearchWidget(Container):
         if slide_layers(viewer):
             self.query_layer()
         self._step_enabled()
-
-    def _slide_choices(self, _: Any = None) -> list[tuple[str, Any]]:
-        return [(ly.name, ly) for ly in slide_layers(self._viewer)]
 
     def _shape_choices(self, _: Any = None) -> list[tuple[str, Any]]:
         from napari.layers import Shapes
@@ -214,12 +213,8 @@ class RegionSearchWidget(Container):
         """Tiles under the shapes -> query -> similarity of every tile -> top matches."""
         store = open_store(req.store_path)
         done = store.done
-        emb = store.embeddings
-        pos = tiles_in_shapes(store.coords, store.tile_l0, req.positive)
-        pos = pos[done[pos]]
-        neg = tiles_in_shapes(store.coords, store.tile_l0, req.negative) if req.negative else None
-        query = build_query(emb, pos, None if neg is None else neg[done[neg]], req.neg_weight)
-        sim = np.where(done, similarity(emb, query), np.nan)
+        query, pos, _ = query_from_regions(store, req.positive, req.negative, req.neg_weight)
+        sim = np.where(done, similarity(store.embeddings, query), np.nan)
         skip = ~done
         if req.exclude_query:
             skip[pos] = True
