@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tilescope import store as store_mod
+from tilescope import _signature as store_mod  # where the signature records the version
 from tilescope.errors import StoreCorruptError, StoreError, StoreMismatchError
 from tilescope.store import EmbeddingStore
 

@@ -41,8 +41,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from ._signature import jsonable
 from .errors import StoreError
-from .store import FORMAT_NAME, EmbeddingStore, _jsonable
+from .store import FORMAT_NAME, EmbeddingStore
 
 __all__ = ["export_store"]
 
@@ -197,8 +198,8 @@ def _write_zarr(
             sub = parent.create_group(name)
             for key, arr in arrays.items():
                 sub.create_array(key, data=arr, chunks=(rows, *arr.shape[1:]))
-            sub.attrs["tilescope_scores"] = _jsonable(meta)
-    group.attrs["tilescope_export"] = _jsonable(
+            sub.attrs["tilescope_scores"] = jsonable(meta)
+    group.attrs["tilescope_export"] = jsonable(
         {
             "format": EXPORT_FORMAT,
             "format_version": 1,

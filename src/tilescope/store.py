@@ -55,27 +55,31 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from ._version import __version__
-from .errors import StoreCorruptError, StoreError, StoreMismatchError
+from ._signature import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MODEL_IDENTITY_KEYS,
+    full_signature,
+    jsonable,
+    signature_differences,
+)
+from ._store_io import WriterLock, open_group, remove_store
+from .errors import StoreError, StoreMismatchError
 
-FORMAT_NAME = "tilescope-embeddings"
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MODEL_IDENTITY_KEYS",
+    "EmbeddingStore",
+    "signature_differences",
+]
+
 #: Values of the ``done`` array.
 TODO, DONE, FAILED = 0, 1, 2
-FORMAT_VERSION = 1
 CHUNK_ROWS = 4096
 #: Staged rows are written at least this often (seconds), bounding what a killed writer loses.
 FLUSH_SECONDS = 5.0
 ARRAYS = ("coords", "grid_rc", "tissue", "embeddings", "done")
-#: Model provenance keys that must match to resume a store or search across stores.
-# Not model_id: the same weights loaded from the hub or from a local folder are the same model.
-MODEL_IDENTITY_KEYS = (
-    "weights_digest", "trained", "embed_dim", "image_size", "mean", "std", "resize_mode",
-    "interpolation",
-)  # fmt: skip
-_SIGNATURE_PARTS = ("model", "grid", "layout", "slide", "level0_mpp")
-_IGNORED_KEYS = (
-    "created", "completed", "complete", "chunk_rows", "tilescope_version", "n_failed",
-)  # fmt: skip
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -104,7 +108,7 @@ class EmbeddingStore:
         self._arr = {name: cast(zarr.Array, group[name]) for name in ARRAYS}
         self._staged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._emb_cache: np.ndarray | None = None
-        self._lock: _WriterLock | None = None  # a writer's lock, held while this object lives
+        self._lock: WriterLock | None = None  # a writer's lock, held while this object lives
         self.flush_seconds = FLUSH_SECONDS
         self._flushed_at = time.monotonic()
         flags = np.asarray(self._arr["done"][:])
@@ -129,7 +133,7 @@ class EmbeddingStore:
         p = Path(path)
         if not p.exists():
             raise StoreError(f"{p}: no such embedding store; embed the slide first")
-        return cls(p, _open_group(p, read_only=True), read_only=True)
+        return cls(p, open_group(p, read_only=True), read_only=True)
 
     @classmethod
     def create_or_resume(
@@ -178,8 +182,8 @@ class EmbeddingStore:
             raise StoreError(f"{p}: coords, grid_rc and tissue must have the same length")
         if int(embed_dim) < 1 or chunk_rows < 1:
             raise StoreError(f"{p}: embed_dim and chunk_rows must be positive")
-        sig = _full_signature(p, signature, n=n, embed_dim=int(embed_dim), chunk_rows=chunk_rows)
-        lock = _WriterLock(p)  # one writer per store; released by close() or when dropped
+        sig = full_signature(p, signature, n=n, embed_dim=int(embed_dim), chunk_rows=chunk_rows)
+        lock = WriterLock(p)  # one writer per store; released by close() or when dropped
         try:
             store = cls._create_or_resume(p, sig, coords, grid_rc, tissue, overwrite, chunk_rows)
         except BaseException:
@@ -204,9 +208,9 @@ class EmbeddingStore:
             pass  # an empty folder holds nothing to lose: create the store in it
         elif p.exists() or p.is_symlink():
             if overwrite:
-                _remove(p)
+                remove_store(p)
             else:
-                store = cls(p, _open_group(p, read_only=False), read_only=False)
+                store = cls(p, open_group(p, read_only=False), read_only=False)
                 store._check_resume(sig, coords, grid_rc, tissue)
                 for f in p.rglob("*.partial"):  # temporaries of a killed writer
                     if _PARTIAL.search(f.name):
@@ -230,7 +234,7 @@ class EmbeddingStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
-        return cls(p, _open_group(p, read_only=False), read_only=False)
+        return cls(p, open_group(p, read_only=False), read_only=False)
 
     def _check_resume(
         self, sig: dict[str, Any], coords: np.ndarray, grid_rc: np.ndarray, tissue: np.ndarray
@@ -273,7 +277,7 @@ class EmbeddingStore:
     @property
     def signature(self) -> dict[str, Any]:
         """A copy of the provenance signature (``attrs["tilescope"]``)."""
-        return _jsonable(self._sig)
+        return jsonable(self._sig)
 
     @property
     def complete(self) -> bool:
@@ -471,13 +475,13 @@ class EmbeddingStore:
             group.create_array(
                 key, data=arr, chunks=(max(1, min(self.chunk_rows, len(arr))),) + arr.shape[1:]
             )
-        group.attrs["tilescope_scores"] = _jsonable(dict(meta))
+        group.attrs["tilescope_scores"] = jsonable(dict(meta))
 
     def score_names(self) -> list[str]:
         """Names of complete saved score sets, sorted."""
         if not (self.path / "scores" / "zarr.json").exists():
             return []
-        parent = cast(zarr.Group, _open_group(self.path, read_only=True)["scores"])
+        parent = cast(zarr.Group, open_group(self.path, read_only=True)["scores"])
         return sorted(k for k, g in parent.groups() if "tilescope_scores" in g.attrs)
 
     def read_scores(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -485,182 +489,12 @@ class EmbeddingStore:
         if name not in self.score_names():
             have = ", ".join(self.score_names()) or "none"
             raise StoreError(f"{self.path}: no saved scores named {name!r} (saved: {have})")
-        group = cast(zarr.Group, _open_group(self.path, read_only=True)[f"scores/{name}"])
+        group = cast(zarr.Group, open_group(self.path, read_only=True)[f"scores/{name}"])
         arrays = {k: np.asarray(a[:]) for k, a in group.arrays()}
         return arrays, dict(cast(Mapping[str, Any], group.attrs["tilescope_scores"]))
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def signature_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two signatures, over identity-relevant keys only.
-
-    Ignored: created/completed times, ``complete``, ``chunk_rows``, the tilescope patch
-    version, and model provenance keys outside `MODEL_IDENTITY_KEYS`.
-    """
-    a, b = _identity(old), _identity(new)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
-        if va != vb:  # JSON values on both sides: floats round-trip exactly
-            out.append(f"{key}: store has {va!r}, requested {vb!r}")
-    return out
-
-
-def _identity(sig: Mapping[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, obj: Any) -> None:
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = obj
-
-    model = sig.get("model", {})
-    walk("", {k: v for k, v in sig.items() if k not in _IGNORED_KEYS and k != "model"})
-    walk("model", {k: model.get(k) for k in MODEL_IDENTITY_KEYS})
-    flat["tilescope_version"] = ".".join(str(sig.get("tilescope_version", "")).split(".")[:2])
-    return flat
-
-
-def _full_signature(
-    p: Path, signature: Mapping[str, Any], *, n: int, embed_dim: int, chunk_rows: int
-) -> dict[str, Any]:
-    missing = [k for k in _SIGNATURE_PARTS if k not in signature]
-    model = signature.get("model", {})
-    if missing or "model_id" not in model:
-        raise StoreError(
-            f"{p}: signature lacks {missing or ['model.model_id']}; see the store layout"
-        )
-    if model.get("embed_dim", embed_dim) != embed_dim:
-        raise StoreError(f"{p}: model embed_dim {model['embed_dim']} != embed_dim {embed_dim}")
-    sig = _jsonable(dict(signature))
-    sig.update(
-        format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
-        tilescope_version=__version__,
-        embed_dim=embed_dim,
-        n_tiles=n,
-        chunk_rows=max(1, min(chunk_rows, n)),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        complete=False,
-    )
-    return sig
-
-
-def _open_group(p: Path, *, read_only: bool) -> zarr.Group:
-    """Open and validate a store's group; raise StoreCorruptError without writing anything."""
-    hint = "choose another path, or use --overwrite / overwrite=True to replace it"
-    if not p.is_dir():
-        raise StoreCorruptError(f"{p}: exists but is not a zarr store directory; {hint}")
-    try:
-        group = zarr.open_group(
-            LocalStore(p, read_only=True), mode="r", zarr_format=3, use_consolidated=False
-        )
-        sig: object = group.attrs.get("tilescope")  # any JSON; checked below
-        arrays = dict(group.arrays())
-    except Exception as exc:  # zarr raises many kinds for damaged metadata
-        raise StoreCorruptError(f"{p}: not a readable zarr v3 group ({exc}); {hint}") from exc
-    if not isinstance(sig, Mapping) or sig.get("format") != FORMAT_NAME:
-        raise StoreCorruptError(f"{p}: not a Tilescope embedding store (no signature); {hint}")
-    if not isinstance(sig.get("format_version"), int):
-        raise StoreCorruptError(f"{p}: damaged signature (no integer format_version); {hint}")
-    if sig["format_version"] > FORMAT_VERSION:
-        raise StoreError(
-            f"{p}: store format {sig.get('format_version')!r} is newer than this "
-            f"tilescope ({FORMAT_VERSION}); upgrade tilescope"
-        )
-    try:
-        n, d = int(sig["n_tiles"]), int(sig["embed_dim"])
-        missing = [k for k in (*_SIGNATURE_PARTS, "complete") if k not in sig]
-        missing += [k for k in ("model", "grid", "layout", "slide") if not isinstance(sig[k], dict)]
-        missing += [k for k in ("model_id",) if k not in sig["model"]]
-        missing += [k for k in ("tile_l0",) if k not in sig["layout"]]
-        float(np.mean(sig["level0_mpp"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        missing = [str(exc)]
-    if missing:
-        raise StoreCorruptError(f"{p}: damaged signature (missing or bad {missing}); {hint}")
-    shapes = {
-        "coords": (n, 2),
-        "grid_rc": (n, 2),
-        "tissue": (n,),
-        "embeddings": (n, d),
-        "done": (n,),
-    }
-    for name, shape in shapes.items():
-        if name not in arrays:
-            raise StoreCorruptError(f"{p}: the array {name!r} is missing; {hint}")
-        if tuple(arrays[name].shape) != shape:
-            raise StoreCorruptError(
-                f"{p}: array {name!r} has shape {arrays[name].shape}, expected {shape}; {hint}"
-            )
-    if read_only:
-        return group
-    return zarr.open_group(LocalStore(p), mode="r+", zarr_format=3, use_consolidated=False)
-
-
-class _WriterLock:
-    """An exclusive flock on ``.NAME.zarr.lock`` beside the store, removed when released.
-
-    The OS drops a flock when its file closes or its process dies, so a killed writer leaves
-    no stale lock. The file is checked to still be the one at the path after locking (another
-    writer may have released and removed it meanwhile), the usual pattern for lock files
-    that are deleted. Without fcntl (Windows) nothing is locked.
-    """
-
-    def __init__(self, p: Path) -> None:
-        self.path = p.with_name(f".{p.name}.lock")
-        self.fh: Any = None
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return
-        p.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):
-            fh = open(self.path, "a+")  # noqa: SIM115 - held while writing
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                raise StoreError(
-                    f"{p}: another writer (a tilescope run here or in napari) is embedding "
-                    "into this store right now; wait for it to finish, or stop it and run "
-                    "again to resume"
-                ) from None
-            try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fh = fh
-                return
-            fh.close()  # locked a file its owner had just removed: try again
-        raise StoreError(f"{p}: could not lock {self.path}; try again")
-
-    def release(self) -> None:
-        if self.fh is not None:
-            self.path.unlink(missing_ok=True)  # while still locked, then unlock
-            self.fh.close()
-            self.fh = None
-
-    def __del__(self) -> None:
-        self.release()
-
-
-def _remove(p: Path) -> None:
-    """Delete what overwrite replaces, refusing anything that does not look like a store."""
-    if p.is_dir() and not p.is_symlink():
-        if p.suffix != ".zarr" and not (p / "zarr.json").exists() and any(p.iterdir()):
-            raise StoreError(
-                f"{p}: is a non-empty folder that is not a zarr store; refusing to delete it "
-                "even with overwrite; choose a path ending in .zarr"
-            )
-        shutil.rmtree(p)
-    else:
-        p.unlink()
-
-
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     """Sorted indices as half-open runs ``(start, stop)``."""
     if len(idx) == 0:
@@ -669,16 +503,3 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(idx)]])
     return [(int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays, tuples and Paths."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, PathLike):
-        return str(obj)
-    return obj
