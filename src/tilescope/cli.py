@@ -302,6 +302,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_png_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--png", help=f"write {what} over the slide to this PNG")
+    p.add_argument("--slide", help="the slide file (needed by --png)")
+    p.add_argument(
+        "--slide-mpp", type=float, default=None, help="override the slide's own µm/px (--png)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilescope",
@@ -403,11 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
     p.add_argument("--save", metavar="NAME", help="save the scores into the store")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--png", help="write the winning class's heatmap over the slide to this PNG")
-    p.add_argument("--slide", help="the slide file (needed by --png)")
-    p.add_argument(
-        "--slide-mpp", type=float, default=None, help="override the slide's own µm/px (--png)"
-    )
+    _add_png_args(p, "the winning class's heatmap")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("search", help="find tiles like a region, in this and other stores")
@@ -436,11 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-k", "--k", dest="k", type=_positive_int, default=20, help="number of matches (20)"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--png", help="write the similarity map over the slide to this PNG")
-    p.add_argument("--slide", help="the slide file (needed by --png)")
-    p.add_argument(
-        "--slide-mpp", type=float, default=None, help="override the slide's own µm/px (--png)"
-    )
+    _add_png_args(p, "the similarity map")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("export", help="export embeddings, coordinates, scores, provenance")

@@ -33,10 +33,8 @@ from ..score import (
     PromptSet,
     TileGeometry,
     heatmap,
-    pool,
     save_scores,
-    score_patches,
-    text_matrix,
+    score_store,
 )
 from ._common import (
     UNTRAINED_TAG,
@@ -190,15 +188,17 @@ class PromptHeatmapWidget(Container):
         t0 = time.perf_counter()
         store = open_store(req.store_path)
         encoder = encoder_for_store(store)
+        method = cast(Literal["mean", "topk", "attention"], req.pooling)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             prompts = PromptSet.parse(req.prompts, templates=req.templates)
-            text = text_matrix(prompts, encoder.encode_text)
+            # rows of tiles not embedded are NaN and left out of the pooling
+            scores, pooled = score_store(
+                store, prompts, encoder.encode_text, encoder.logit_scale,
+                method=method, k=req.k, temperature=req.temperature,
+            )  # fmt: skip
         notes = [str(w.message) for w in caught]
         done = store.done
-        scores = score_patches(store.embeddings, text, encoder.logit_scale, prompts.class_names)
-        method = cast(Literal["mean", "topk", "attention"], req.pooling)
-        pooled = pool(scores, method, k=req.k, temperature=req.temperature, weights=done * 1.0)
         geometry = TileGeometry.from_store(store)
         tag = "" if encoder.trained else UNTRAINED_TAG
         meta = {"role": ROLE, "store": str(store.path)}
@@ -206,7 +206,7 @@ class PromptHeatmapWidget(Container):
         layers: list[LayerData] = []
         raw = []
         for c, name in enumerate(classes):
-            values = np.where(done, scores.probs[:, c], np.nan)
+            values = scores.probs[:, c]
             raw.append(heatmap(values, geometry))
             hm = heatmap(values, geometry, smooth_sigma=req.smooth) if req.smooth else raw[-1]
             layers.append(
