@@ -63,8 +63,11 @@ class EmbedResult:
 
 
 def store_path_for(slide_path: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
-    """One store per slide: ``OUT/<slide file name without suffix>.zarr``."""
-    return Path(out_dir) / (Path(slide_path).stem + ".zarr")
+    """The store of a slide in `out_dir` (see `tilescope.catalog.store_path_for`): usually
+    ``OUT/<slide file name without suffix>.zarr``; another slide's store is never reused."""
+    from .catalog import store_path_for as _store_path_for
+
+    return _store_path_for(slide_path, out_dir)
 
 
 def build_signature(slide: Slide, grid: TileGrid, layout: Any, encoder: Encoder) -> dict[str, Any]:

@@ -1,0 +1,96 @@
+"""``tilescope search``: find tiles like a region, in this and other stores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ._common import add_png_args, parse_box, positive_int, require_slide_for_png, xywh
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..search import query_from_regions, search_stores
+    from ..store import EmbeddingStore
+
+    require_slide_for_png(args)
+    positive = [parse_box(b) for b in args.region]
+    negative = [parse_box(b) for b in args.unlike]
+    store = EmbeddingStore.open(args.store)
+    regions = " and ".join(args.region)
+    empty = (
+        f"the region {regions} covers no embedded tissue tiles"
+        if len(args.region) == 1
+        else f"the regions {regions} cover no embedded tissue tiles"
+    ) + " (a tile counts when its centre is inside; coordinates are level-0 pixels)"
+    query, pos, neg = query_from_regions(store, positive, negative, empty_message=empty)
+    targets = args.against or [store.path]
+    exclude = {store.path: pos}  # the query tiles themselves are not matches
+    matches = search_stores(
+        query, targets, model=store.signature["model"], k=args.k, exclude=exclude
+    )
+    if args.json:
+        print(json.dumps([m.__dict__ for m in matches], indent=2))
+    else:
+        print(f"query: {len(pos)} tiles like, {len(neg)} unlike; top {len(matches)} matches")
+        for rank, m in enumerate(matches, 1):
+            print(
+                f"{rank:>3}. {m.slide_name:<32} x={m.x:<7} y={m.y:<7} similarity {m.similarity:.4f}"
+            )
+    if args.png:
+        import numpy as np
+
+        from ..figures import heatmap_figure
+        from ..score import TileGeometry, heatmap
+        from ..search import similarity
+
+        sim = np.where(store.done, similarity(store.embeddings, query), np.nan)
+        hm = heatmap(sim, TileGeometry.from_store(store))
+        here = store.path.resolve()
+        trained = store.signature["model"].get("trained", True)
+        heatmap_figure(
+            args.slide,
+            hm,
+            args.png,
+            ["cosine similarity to the query region (cyan); top matches in this slide (green)"],
+            slide_mpp=args.slide_mpp,
+            warning=None if trained else "UNTRAINED model: NOT A RESULT",
+            boxes=[xywh(b) for b in args.region],
+            marks=[
+                (m.x, m.y, m.tile_l0, m.tile_l0) for m in matches if Path(m.store).resolve() == here
+            ],
+        )
+        print(f"wrote {args.png}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("search", help="find tiles like a region, in this and other stores")
+    p.add_argument("store", help="the store holding the query region")
+    p.add_argument(
+        "--region",
+        action="append",
+        required=True,
+        metavar="X,Y,W,H",
+        help="query rectangle in level-0 pixels (tiles whose centre is inside); repeatable",
+    )
+    p.add_argument(
+        "--unlike",
+        action="append",
+        default=[],
+        metavar="X,Y,W,H",
+        help="rectangle of tissue the matches should not look like; repeatable",
+    )
+    p.add_argument(
+        "--against",
+        action="append",
+        metavar="STORE_OR_FOLDER",
+        help="stores (or folders of stores) to search; default: the query's store",
+    )
+    p.add_argument(
+        "-k", "--k", dest="k", type=positive_int, default=20, help="number of matches (20)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_png_args(p, "the similarity map")
+    p.set_defaults(func=run)
