@@ -15,11 +15,11 @@ from zarr.storage import LocalStore
 
 from ._signature import FORMAT_NAME, FORMAT_VERSION, SIGNATURE_PARTS
 from ._store_state import check_metadata
-from .errors import StoreBusyError, StoreCorruptError, StoreError
+from .errors import OVERWRITE_WORDS, StoreBusyError, StoreCorruptError, StoreError
 
 #: What to do about a store that cannot be read, worded for readers and for writers.
 READ_HINT = "check the path, or embed the slide again into a new store"
-WRITE_HINT = "choose another path, or overwrite it to start afresh"
+WRITE_HINT = f"choose another path, or {OVERWRITE_WORDS}"
 
 
 def open_group(

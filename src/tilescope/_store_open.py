@@ -23,7 +23,7 @@ from ._signature import (
 )
 from ._store_io import WRITE_HINT, WriterLock, cannot_create_lock, check_replaceable, open_group
 from ._store_state import DONE, FAILED, MISSING, TODO, Problem, read_state, scan_embeddings
-from .errors import StoreCorruptError, StoreError, StoreMismatchError
+from .errors import OVERWRITE_WORDS, StoreCorruptError, StoreError, StoreMismatchError
 
 if TYPE_CHECKING:
     from .store import EmbeddingStore
@@ -122,8 +122,8 @@ def _mismatch(p: Path, diffs: list[str]) -> StoreMismatchError:
     )
     return StoreMismatchError(
         f"{p}: this store was made with other parameters:\n  " + "\n  ".join(diffs)
-        + "\nchoose another output path, or overwrite it (the new store is built beside it "
-        "and replaces it when finished)" + pending,
+        + f"\nchoose another output path, or {OVERWRITE_WORDS} (the new store is built beside "
+        "it and replaces it when finished)" + pending,
         differences=diffs,
     )  # fmt: skip
 
@@ -321,7 +321,7 @@ def _rebuild_layout(
             f"{store.path}: the store's tile layout is damaged "
             f"({'; '.join(pr.describe() for pr in problems if pr.array in _LAYOUT_ARRAYS)}) and "
             "the tiles found on the slide now differ from it, so it cannot be rebuilt; embed "
-            "the slide again into a new store, or overwrite this one",
+            f"the slide again into a new store, or {OVERWRITE_WORDS}",
             array=next(pr.array for pr in problems if pr.array in _LAYOUT_ARRAYS),
         )
     with store._writing("repair the tile layout"):

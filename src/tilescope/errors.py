@@ -7,6 +7,16 @@ from __future__ import annotations
 
 from os import PathLike
 
+#: Core messages offer replacing an existing output with these words; each front end puts its
+#: own control in their place (`reword`): ``--overwrite`` on the command line, the widget's
+#: *overwrite* box in napari.
+OVERWRITE_WORDS = "overwrite it"
+
+
+def reword(message: str, overwrite: str) -> str:
+    """`message` with `OVERWRITE_WORDS` replaced, e.g. by ``"pass --overwrite to replace it"``."""
+    return message.replace(OVERWRITE_WORDS, overwrite)
+
 
 class TilescopeError(Exception):
     """Base class of every error Tilescope raises on purpose."""
@@ -86,6 +96,10 @@ class StoreCorruptError(StoreError):
     def __init__(self, message: str, *, array: str | None = None) -> None:
         super().__init__(message)
         self.array = array
+
+
+class OutputExistsError(StoreError):
+    """An output (an export) exists and may be replaced only on request."""
 
 
 class StoreBusyError(StoreError):

@@ -80,7 +80,7 @@ from ._signature import (
 )
 from ._store_io import READ_HINT, WriterLock, open_group, read_generation
 from ._store_state import DONE, FAILED, TODO, Problem, StoreState, bad_embedding_rows, read_state
-from .errors import StoreCorruptError, StoreError, StoreReplacedError
+from .errors import OVERWRITE_WORDS, StoreCorruptError, StoreError, StoreReplacedError
 
 __all__ = [
     "FORMAT_NAME",
@@ -104,7 +104,7 @@ def corrupt_error(p: Path, problems: list[Problem]) -> StoreCorruptError:
     todo = (
         "embedding the slide into this store again repairs it (the damaged rows are embedded again)"
         if fixable
-        else "embed the slide again into a new store, or overwrite this one"
+        else f"embed the slide again into a new store, or {OVERWRITE_WORDS}"
     )
     lines = "; ".join(pr.describe() for pr in problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
