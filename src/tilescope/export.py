@@ -274,11 +274,11 @@ def _write_geojson(sel: ExportRows, path: Path, **_: Any) -> None:
             columns += [(f"{name}: {c}{tag}", values[:, j]) for j, c in enumerate(classes)]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write('{"type": "FeatureCollection", "features": [')
-        for k, i in enumerate(int(v) for v in sel.rows):
+        for written, i in enumerate(int(v) for v in sel.rows):
             x, y = (float(v) for v in store.coords[i])
             ring = [[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]
-            values = {"tissue": _num(store.tissue[i]), **{k: _num(v[i]) for k, v in columns}}
-            measurements = {k: v for k, v in values.items() if v is not None}
+            found = {"tissue": _num(store.tissue[i]), **{k: _num(v[i]) for k, v in columns}}
+            measurements = {k: v for k, v in found.items() if v is not None}
             properties: dict[str, Any] = {
                 "objectType": "tile",
                 "index": i,  # the store row
@@ -293,7 +293,7 @@ def _write_geojson(sel: ExportRows, path: Path, **_: Any) -> None:
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": properties,
             }
-            fh.write(("," if k else "") + "\n" + json.dumps(feature, allow_nan=False))
+            fh.write(("," if written else "") + "\n" + json.dumps(feature, allow_nan=False))
         fh.write("\n]}\n")
 
 
