@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ._signature import jsonable
-from .errors import NoTilesError
+from .errors import NoTilesError, StoreNotice
 from .grid import TileGrid, TileLayout
 from .slide import Slide
 from .store import EmbeddingStore
@@ -202,6 +202,11 @@ def iter_embed_slide(
             overwrite=overwrite,
             retry_failed=retry_failed,
         )
+    for note in store.notices:
+        warnings.warn(f"{store.path}: resumed with other provenance: {note}", StoreNotice, 2)
+    for damage in store.repaired:
+        warnings.warn(f"{store.path}: repaired: {damage}; embedding those rows again",
+                      StoreNotice, 2)  # fmt: skip
     layout = store_layout(store)
     try:
         result = yield from _embed_rows(name, t0, store, layout, grid, encoder, slide_path,

@@ -102,6 +102,11 @@ class OutputExistsError(StoreError):
     """An output (an export) exists and may be replaced only on request."""
 
 
+class StoreNotice(UserWarning):
+    """Something a user should know about a store being resumed (a backend or precision that
+    differs from the one that made it, damaged rows that are embedded again); not an error."""
+
+
 class StoreBusyError(StoreError):
     """Another writer holds the store's lock."""
 
