@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,107 @@ def test_a_finished_store_needs_no_lock(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(StoreError, match="Read-only file system") as err:
         resume(half)
     assert "6 not embedded yet" in str(err.value)
+
+
+# -- the embedding pipeline on top of the store ---------------------------------------------------
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory):
+    from tilescope.synthetic import Blob, SyntheticSlide
+
+    spec = SyntheticSlide(1536, 1024, mpp=0.5, n_levels=2, blobs=(Blob(380, 250, 300, 200),))
+    return spec.write(tmp_path_factory.mktemp("slides") / "small.tif")
+
+
+def test_embed_records_tissue_parameters_and_compute_precision(small_slide, tiny_encoder, tmp_path):
+    from tilescope.embed import embed_slide
+
+    out = embed_slide(small_slide, tmp_path / "s.zarr", encoder=tiny_encoder,
+                      tissue_kwargs={"mask_mpp": 4.0}).store_path  # fmt: skip
+    sig = EmbeddingStore.open(out).signature
+    assert sig["tissue"]["mask_mpp"] == 4.0 and "min_object_um2" in sig["tissue"]
+    assert sig["model"]["compute_precision"] == "fp32"  # on the CPU
+    with pytest.raises(StoreMismatchError, match="tissue.mask_mpp"):
+        embed_slide(small_slide, out, encoder=tiny_encoder)  # other tissue settings
+
+
+def test_embed_resumes_a_finished_store_without_detecting_tissue_again(
+    small_slide, tiny_encoder, tmp_path, monkeypatch
+):
+    """A Pillow or scikit-image upgrade that moves the mask cannot refuse a finished store:
+    resuming never computes the tissue again (item 11)."""
+    import tilescope.embed as embed_mod
+    from tilescope.embed import embed_slide
+
+    out = tmp_path / "s.zarr"
+    first = embed_slide(small_slide, out, encoder=tiny_encoder)
+    before = tree_hash(out)
+
+    def moved(*args, **kwargs):
+        raise AssertionError("the tissue mask was computed again on resume")
+
+    monkeypatch.setattr(embed_mod, "tissue_mask", moved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice either: nothing differs
+        again = embed_slide(small_slide, out, encoder=tiny_encoder)
+    assert again.complete and again.embedded_now == 0 and again.n_tiles == first.n_tiles
+    assert tree_hash(out) == before
+
+
+def test_cancelled_overwrite_keeps_the_old_store(small_slide, tiny_encoder, tmp_path):
+    from tilescope.embed import embed_slide, iter_embed_slide
+    from tilescope.grid import TileGrid
+
+    out = tmp_path / "s.zarr"
+    embed_slide(small_slide, out, encoder=tiny_encoder)
+    old = EmbeddingStore.open(out)
+    gen = iter_embed_slide(small_slide, out, encoder=tiny_encoder, overwrite=True,
+                           grid=TileGrid(min_tissue=0.1), batch_size=2)  # fmt: skip
+    for report in gen:
+        if report.stage == "embedding" and report.done >= 2:
+            gen.close()  # napari's Cancel
+            break
+    kept = EmbeddingStore.open(out)
+    assert kept.generation == old.generation and kept.complete
+    np.testing.assert_array_equal(kept.embeddings, old.embeddings)
+    done = embed_slide(small_slide, out, encoder=tiny_encoder, overwrite=True,
+                       grid=TileGrid(min_tissue=0.1))  # fmt: skip
+    assert done.complete and done.embedded_now < done.n_tiles  # resumed the replacement
+    new = EmbeddingStore.open(out)
+    assert new.signature["grid"]["min_tissue"] == 0.1 and new.generation != old.generation
+    assert names(tmp_path) == ["s.zarr"]
+
+
+# -- item 18: every third-party module the package imports is declared ----------------------------
+def test_every_imported_package_is_declared() -> None:
+    import ast
+    import sys
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {
+        d.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        for d in meta["dependencies"]
+    }
+    dist_of = {"openslide": "openslide-python", "skimage": "scikit-image",
+               "open_clip": "open_clip_torch", "sklearn": "scikit-learn", "PIL": "pillow",
+               "yaml": "pyyaml"}  # fmt: skip
+    implied = {"pillow", "pyyaml"}  # installed with napari / scikit-image, never alone
+    implied |= {"triton"}  # optional: imported only when present (see _napari/_common.py)
+    missing = set()
+    for py in (root / "src" / "tilescope").rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            names_ = []
+            if isinstance(node, ast.Import):
+                names_ = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names_ = [node.module]
+            for name in names_:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("tilescope", "__future__"):
+                    continue
+                dist = dist_of.get(top, top).lower().replace("_", "-")
+                if dist not in {d.replace("_", "-") for d in declared} | implied:
+                    missing.add(f"{top} ({py.relative_to(root)})")
+    assert not missing, f"imported but not in pyproject dependencies: {sorted(missing)}"

@@ -268,13 +268,17 @@ def _chunk_file_problems(p: Path, emb: zarr.Array, done: np.ndarray) -> list[Pro
 
 
 def bad_embedding_rows(block: np.ndarray, done: np.ndarray) -> np.ndarray:
-    """Offsets of done rows of `block` that are not finite unit vectors."""
+    """Offsets of done rows of `block` that are not finite unit vectors.
+
+    One float32 pass: a NaN or an infinity anywhere in a row makes its norm non-finite (and a
+    huge value overflows it), so the norm alone decides."""
     if not done.any():
         return np.zeros(0, np.int64)
-    sub = block[done].astype(np.float64)
+    sub = block if done.all() else block[done]
+    sub = np.asarray(sub, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", sub, sub))
-    ok = np.isfinite(sub).all(1) & (np.abs(norms - 1.0) <= NORM_TOLERANCE)
+    ok = np.abs(norms - 1.0) <= NORM_TOLERANCE  # False for NaN and inf
     return np.flatnonzero(done)[~ok]
 
 

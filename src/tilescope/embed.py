@@ -81,9 +81,11 @@ _PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def tissue_parameters(tissue_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every parameter of `tissue_mask` as this run uses it (defaults and `tissue_kwargs`),
     recorded in the signature: other tissue settings give other tiles."""
+    from . import tissue as detector  # the detector's own signature (not a stand-in)
+
     params = {
         k: p.default
-        for k, p in inspect.signature(tissue_mask).parameters.items()
+        for k, p in inspect.signature(detector.tissue_mask).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     unknown = sorted(set(tissue_kwargs or {}) - set(params))
