@@ -76,6 +76,21 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_finished(
     assert names(tmp_path) == ["s.zarr"]  # no replacement, no .old, no .tmp left
 
 
+def test_a_replacement_whose_old_store_was_deleted_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    finished(path)
+    new = resume(path, overwrite=True, grid__min_tissue=0.4)
+    new.write(0, rows(0, 4))
+    new.close()  # interrupted; then the user deletes the old store
+    import shutil
+
+    shutil.rmtree(path)
+    again = resume(path, grid__min_tissue=0.4)  # no overwrite needed: nothing to replace
+    assert again.n_done == 4 and not again.is_replacement
+    again.close()
+    assert names(tmp_path) == ["s.zarr"]
+
+
 def test_kill_between_the_two_renames_is_recovered(tmp_path: Path) -> None:
     """Without an atomic exchange the old folder is renamed aside first; a run killed right
     then leaves the target missing: the next run puts the old store back."""

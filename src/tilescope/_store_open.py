@@ -139,6 +139,10 @@ def _resume_locked(
     _fsops.clean_leftovers(p)  # temporaries of killed runs; we hold the lock
     aside = replacement_path(p)
     if _absent(p):
+        if aside.exists():  # the old store was deleted during a replacement: keep its work
+            rep = _resume_replacement(cls, p, aside, req, make_layout, compare_layout)
+            rep.publish()
+            return rep
         return _create(cls, p, p, req, make_layout)
     try:
         current: EmbeddingStore | None = _open_writer(cls, p, p)
