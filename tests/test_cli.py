@@ -75,7 +75,9 @@ def test_search_ranks_and_excludes_the_query(embedded, capsys, tmp_path):
             "--slide", str(CMU)]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    matches = json.loads(out[: out.rindex("]") + 1])
+    data = json.loads(out[: out.rindex("}") + 1])
+    matches = data["matches"]
+    assert data["n_done"] == data["n_tiles"] == st.n_tiles and data["query"]["like"] == 1
     assert len(matches) == 3 and all(m["index"] != 10 for m in matches)
     sims = [m["similarity"] for m in matches]
     assert sims == sorted(sims, reverse=True)
@@ -103,7 +105,7 @@ def test_search_against_a_folder_of_stores(embedded, capsys, tmp_path):
             str(folder), "--k", "4", "--json"]  # fmt: skip
     with pytest.warns(UserWarning, match="cmu-export.zarr"):
         assert main(argv) == 0
-    matches = json.loads(capsys.readouterr().out)
+    matches = json.loads(capsys.readouterr().out)["matches"]
     assert len(matches) == 4 and {Path(m["store"]).name for m in matches} == {"cmu.zarr"}
     assert all(m["index"] != 10 for m in matches)  # the query tile, reached via the link
 
@@ -234,3 +236,330 @@ def test_embed_goes_on_after_a_bad_slide(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.svs" in err and "Traceback" not in err
     assert EmbeddingStore.open(out / "CMU-1-Small-Region.zarr").complete
+
+
+# -- issue 11 and issue 10 (first contact) ------------------------------------------------------
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from tilescope.synthetic import Blob, SyntheticSlide  # noqa: E402
+
+TINY = ["--model", "tiny-random"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail if a model is loaded: inputs must be checked first."""
+    import tilescope.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(tilescope.models, "load_encoder", refuse)
+    monkeypatch.setattr(tilescope.models, "load_encoder_for_store", refuse)
+
+
+@pytest.fixture(scope="module")
+def synth_slide(tmp_path_factory):
+    spec = SyntheticSlide(1536, 1024, mpp=0.5, n_levels=2, blobs=(Blob(380, 250, 300, 200),))
+    return spec.write(tmp_path_factory.mktemp("synth") / "slide.tif")
+
+
+def copy_store(store: Path, dest: Path) -> Path:
+    shutil.copytree(store, dest)
+    return dest
+
+
+def err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("tilescope: error:") and "Traceback" not in "".join(err)
+    return err[-1]
+
+
+def test_two_slides_with_one_stem_get_two_stores(synth_slide, tmp_path, capsys):
+    """Item 1: dA/slide.svs and dB/slide.tif (both `slide`) never share a store, even with
+    --overwrite."""
+    a, b = tmp_path / "dA", tmp_path / "dB"
+    a.mkdir(), b.mkdir()
+    (a / "slide.svs").symlink_to(need(CMU))
+    (b / "slide.tif").symlink_to(synth_slide)
+    out = tmp_path / "out"
+    argv = ["embed", str(a / "slide.svs"), str(b / "slide.tif"), "-o", str(out), *TINY]
+    assert main([*argv, "--overwrite"]) == 0
+    stores = sorted(out.glob("*.zarr"))
+    assert len(stores) == 2
+    sizes = {EmbeddingStore.open(s).signature["slide"]["size_bytes"] for s in stores}
+    assert sizes == {CMU.stat().st_size, synth_slide.stat().st_size}
+    assert main([*argv, "--overwrite"]) == 0  # again: both already embedded, nothing replaced
+    assert capsys.readouterr().out.count("nothing to do") == 2
+    assert sorted(out.glob("*.zarr")) == stores
+
+
+def test_o_names_one_store_or_a_folder(synth_slide, tmp_path, capsys, no_model):
+    out = tmp_path / "x.zarr"
+    assert main(["embed", str(synth_slide), str(need(CMU)), "-o", str(out), *TINY]) == 1
+    assert "names one store" in err_line(capsys) and not out.exists()
+
+
+def test_o_store_path_writes_exactly_that_store(synth_slide, tmp_path):
+    out = tmp_path / "mine.zarr"
+    assert main(["embed", str(synth_slide), "-o", str(out), *TINY]) == 0
+    assert EmbeddingStore.open(out).complete  # not mine.zarr/slide.zarr
+    assert not list(out.glob("*.zarr"))
+
+
+def test_without_o_stores_go_to_the_default_folder(synth_slide, tmp_path, monkeypatch, capsys):
+    from tilescope.catalog import stores_for_slide
+
+    monkeypatch.setenv("TILESCOPE_STORES", str(tmp_path / "stores"))
+    assert main(["embed", str(synth_slide), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert f"stores go to {tmp_path / 'stores'}" in out
+    assert stores_for_slide(synth_slide, [tmp_path / "stores"])  # where napari looks
+
+
+def test_overwrite_never_replaces_another_slides_store(embedded, synth_slide, tmp_path, capsys):
+    _, store = embedded
+    mine = copy_store(store, tmp_path / "cmu.zarr")
+    argv = ["embed", str(synth_slide), "-o", str(mine), "--overwrite", *TINY]
+    assert main(argv) == 1
+    assert "another slide" in err_line(capsys)
+    assert EmbeddingStore.open(mine).signature["slide"]["name"] == CMU.name
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["embed", "NOPE.svs", "-o", "{tmp}"], "no such file"),
+        (["embed", str(TCGA), "-o", "{tmp}"], "--slide-mpp"),
+        (["embed", str(CMU), "-o", "{tmp}", "--mpp", "1e9"], "less than one pixel"),
+        (["embed", str(CMU), "-o", "{tmp}", "--tile", "100000"], "tile_px must be"),
+        (["embed", str(CMU), "-o", "{tmp}", "--tile", "1"], "tile_px must be"),
+    ],
+)
+def test_inputs_are_checked_before_the_model_loads(argv, needle, tmp_path, capsys, no_model):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--model", "biomedclip"]) == 1
+    line = err_line(capsys)
+    assert needle in line and "nothing to do" not in line
+
+
+def test_negative_workers_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", "x.svs", "--workers", "-3"])
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_a_slide_without_tiles_is_an_error_not_nothing_to_do(tmp_path, capsys):
+    blank = SyntheticSlide(1024, 768, mpp=0.5, n_levels=1).write(tmp_path / "glass.tif")
+    assert main(["embed", str(blank), "-o", str(tmp_path / "out"), *TINY]) == 1
+    line = err_line(capsys)
+    assert "no tiles to embed" in line and "--min-tissue" in line
+    assert not list((tmp_path / "out").glob("*.zarr"))  # no empty store made
+
+
+def test_info_and_embed_agree_on_an_implausible_pixel_size(tmp_path, capsys):
+    spec = SyntheticSlide(
+        512, 512, mpp=352.8, n_levels=1, blobs=(Blob(90000, 90000, 50000, 50000),)
+    )
+    path = spec.write(tmp_path / "dpi72.tif")
+    assert main(["info", str(path)]) == 0
+    assert "implausible (352.8 x 352.8 µm/px recorded)" in capsys.readouterr().out
+    assert main(["embed", str(path), "-o", str(tmp_path / "o"), *TINY]) == 1
+    assert "implausible (352.8 x 352.8 µm/px recorded)" in err_line(capsys)
+
+
+# -- score ------------------------------------------------------------------------------------
+SCORE = ["--class", "tumor=invasive carcinoma", "--class", "normal=benign tissue"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--save", ""], "--save ''"),
+        (["--save", ".hidden"], "--save '.hidden'"),
+        (["--class", "a:b=x"], "reads two ways"),
+        (["--png", "h.txt", "--slide", str(CMU)], "name it ….png"),
+    ],
+)
+def test_score_refuses_bad_input_before_any_work(embedded, extra, needle, capsys, no_model):
+    _, store = embedded
+    assert main(["score", str(store), *SCORE, *extra]) == 1
+    assert needle in err_line(capsys)
+
+
+def test_score_png_of_another_slide_is_refused(embedded, synth_slide, tmp_path, capsys, no_model):
+    _, store = embedded
+    png = tmp_path / "h.png"
+    argv = ["score", str(store), *SCORE, "--png", str(png), "--slide", str(synth_slide)]
+    assert main(argv) == 1
+    assert "is not the slide this store was made from" in err_line(capsys)
+    assert not png.exists()
+    argv = [
+        "search",
+        str(store),
+        "--region",
+        "0,0,9,9",
+        "--png",
+        str(png),
+        "--slide",
+        str(synth_slide),
+    ]
+    assert main(argv) == 1 and "is not the slide" in err_line(capsys)
+
+
+def partial_copy(store: Path, dest: Path, keep: int) -> Path:
+    """A copy of `store` with only its first `keep` rows embedded (a partial store)."""
+    copy_store(store, dest)
+    g = zarr.open_group(str(dest), mode="r+")
+    done = g["done"][:]
+    done[keep:] = 0
+    g["done"][:] = done
+    sig = dict(g.attrs["tilescope"])
+    sig["complete"] = False
+    g.attrs["tilescope"] = sig
+    return dest
+
+
+def test_partial_stores_report_n_done_of_n(embedded, tmp_path, capsys):
+    _, store = embedded
+    half = partial_copy(store, tmp_path / "half.zarr", keep=30)
+    n = EmbeddingStore.open(half).n_tiles
+    assert main(["score", str(half), *SCORE, "--json", "--save", "partial"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["n_done"], data["n_tiles"], data["complete"]) == (30, n, False)
+    assert data["n_not_embedded"] == n - 30
+    assert main(["score", str(half), *SCORE]) == 0
+    out = capsys.readouterr().out
+    assert f"pooling over 30 of {n} tiles ({n - 30} not embedded yet)" in out
+    assert "the store is partial" in out
+    meta = EmbeddingStore.open(half).read_scores("partial")[1]
+    assert meta["store_state"]["n_done"] == 30 and meta["store_state"]["complete"] is False
+    assert main(["export", str(half), "-o", str(tmp_path / "half-e.zarr")]) == 0
+    assert f"30 of {n} tiles" in capsys.readouterr().out
+    assert main(["search", str(half), "--region", "0,0,3000,3000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_done"] == 30
+
+
+# -- search -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("box", ["100,100,-50,50", "100,100,50,0", "1,2,nan,4", "1,2,3"])
+def test_search_refuses_bad_boxes(embedded, box, capsys):
+    _, store = embedded
+    assert main(["search", str(store), "--region", box]) == 1
+    assert f"--region {box!r}" in err_line(capsys)
+    assert main(["search", str(store), "--region", "0,0,3000,3000", "--unlike", box]) == 1
+    assert f"--unlike {box!r}" in err_line(capsys)
+
+
+def test_search_region_smaller_than_a_tile_and_unlike_inside_it(embedded, capsys):
+    _, store = embedded
+    st = EmbeddingStore.open(store)
+    x, y = (int(v) for v in st.coords[10])
+    tiny = f"{x + 3},{y + 3},5,5"  # far from the centre of tile 10, inside it
+    assert main(["search", str(store), "--region", tiny, "--json", "-k", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["query"]["like"] == 1 and all(m["index"] != 10 for m in data["matches"])
+    argv = ["search", str(store), "--region", f"{x},{y},200,200", "--unlike", f"{x},{y},224,224"]
+    assert main(argv) == 1
+    assert "inside the query regions too" in err_line(capsys)
+
+
+# -- damaged stores, check, repair --------------------------------------------------------------
+def _zero_chunk(p: Path) -> None:
+    f = p / "embeddings" / "c" / "0" / "0"
+    f.write_bytes(bytes(f.stat().st_size))
+
+
+def _truncate_done(p: Path) -> None:
+    f = p / "done" / "c" / "0"
+    f.write_bytes(f.read_bytes()[:5])
+
+
+def _random_chunk(p: Path) -> None:
+    f = p / "embeddings" / "c" / "0" / "0"
+    f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [_zero_chunk, _truncate_done, _random_chunk])
+def test_damaged_store_every_command_says_so_and_embed_repairs(embedded, tmp_path, capsys, damage):
+    _, store = embedded
+    good = EmbeddingStore.open(store).embeddings
+    bad = copy_store(store, tmp_path / "bad.zarr")
+    damage(bad)
+    for argv in (["score", str(bad), *SCORE, "--json"],
+                 ["search", str(bad), "--region", "0,0,3000,3000", "--json"],
+                 ["export", str(bad), "-o", str(tmp_path / "e.zarr")]):  # fmt: skip
+        assert main(argv) == 1
+        line = err_line(capsys)
+        assert str(bad) in line and "damaged" in line
+        assert "0.5" not in capsys.readouterr().out  # no made-up scores on stdout
+    assert main(["check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "repair: run `tilescope embed" in out
+    assert main(["embed", str(CMU), "-o", str(bad), *TINY]) == 0
+    assert "repaired" in capsys.readouterr().out
+    assert main(["check", str(bad), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    np.testing.assert_allclose(EmbeddingStore.open(bad).embeddings, good, atol=1e-5)
+
+
+def test_check_of_a_healthy_store(embedded, capsys):
+    _, store = embedded
+    assert main(["check", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert ": OK: complete" in out and "UNTRAINED" in out
+
+
+def test_a_path_that_is_not_a_store_suggests_no_missing_flag(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    for argv in (["score", str(folder), *SCORE], ["search", str(folder), "--region", "0,0,5,5"],
+                 ["export", str(folder), "-o", str(tmp_path / "e.zarr")]):  # fmt: skip
+        assert main(argv) == 1
+        assert "overwrite" not in err_line(capsys)
+    odd = tmp_path / "odd.zarr"
+    odd.write_text("not a store")
+    assert main(["embed", str(need(CMU)), "-o", str(odd), *TINY]) == 1
+    assert "pass --overwrite to replace it" in err_line(capsys)
+
+
+def test_export_anonymize_and_the_overwrite_flag(embedded, tmp_path, capsys):
+    _, store = embedded
+    out = tmp_path / "a.zarr"
+    assert main(["export", str(store), "-o", str(out), "--anonymize"]) == 0
+    assert CMU.stem not in (out / "zarr.json").read_text()
+    assert main(["export", str(store), "-o", str(out)]) == 1
+    assert "pass --overwrite to replace it" in err_line(capsys)
+
+
+def test_mismatch_names_the_flag(embedded, capsys):
+    out, _ = embedded
+    assert main(["embed", str(CMU), "-o", str(out), *TINY, "--min-tissue", "0.3"]) == 1
+    line = capsys.readouterr().err
+    assert "grid.min_tissue" in line and "pass --overwrite to replace it" in line
+
+
+def test_a_finished_store_on_a_read_only_file_system(embedded, tmp_path):
+    """Item 15 on a real read-only mount (a private mount namespace; needs root)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root for a read-only bind mount")
+    _, store = embedded
+    folder = tmp_path / "ro"
+    copy_store(store, folder / "cmu.zarr")
+    before = sorted(str(p) for p in folder.rglob("*"))
+    code = "import sys; from tilescope.cli import main; sys.exit(main(sys.argv[1:]))"
+    script = (
+        f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
+        f"{sys.executable} -c '{code}' embed {CMU} -o {folder / 'cmu.zarr'} --model tiny-random"
+    )
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    if "mount:" in proc.stderr and proc.returncode:
+        pytest.skip(f"cannot make a read-only mount here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stdout
+    assert sorted(str(p) for p in folder.rglob("*")) == before  # no lock file, nothing written

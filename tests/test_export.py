@@ -10,7 +10,7 @@ import pytest
 import zarr
 from test_store import D, create, layout, rows, signature
 
-from tilescope.errors import StoreError
+from tilescope.errors import OutputExistsError, StoreError
 from tilescope.export import export_store
 from tilescope.score import PromptSet, save_scores, score_patches
 from tilescope.store import EmbeddingStore
@@ -51,7 +51,8 @@ def test_zarr_export_reads_back_with_plain_zarr(tmp_path: Path, dtype: str) -> N
     assert attrs["dtype"] == dtype and attrs["tile_um"] == pytest.approx(448 * 0.25)
     assert attrs["provenance"]["model"]["model_id"] == "fake/model"
     assert attrs["provenance"]["slide"]["name"] == "s.svs"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert hidden == [".s.zarr.lock"]  # no temporaries (the writer lock stays)
 
 
 def test_geojson_polygons_match_tiles(tmp_path: Path) -> None:
@@ -129,10 +130,6 @@ def test_export_refusals(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="refusing"):
         export_store(st.path, folder, fmt="zarr", overwrite=True)
     assert (folder / "keep.txt").exists()
-    half = create(tmp_path / "half.zarr")
-    half.write(0, rows(0, 4))
-    with pytest.raises(StoreError, match="incomplete"):
-        export_store(half.path, tmp_path / "half-out.zarr")
     with pytest.raises(StoreError, match="no saved scores"):
         export_store(st.path, tmp_path / "x.zarr", scores=["nope"])
 
@@ -153,10 +150,91 @@ def test_export_refuses_unknown_suffixes_and_never_replaces_a_store(tmp_path: Pa
     assert EmbeddingStore.open(other.path).n_done == 2  # untouched
 
 
-def test_export_creates_the_output_folder_and_names_the_flag(tmp_path: Path) -> None:
+def test_export_creates_the_output_folder_and_names_no_flag(tmp_path: Path) -> None:
+    """The core says "overwrite it"; each front end names its own control (see test_cli)."""
     st = finished_store(tmp_path, with_scores=False)
     out = export_store(st.path, tmp_path / "a" / "b" / "tiles.geojson")
     assert out.is_file()
-    with pytest.raises(StoreError, match="pass --overwrite") as err:
+    with pytest.raises(OutputExistsError, match="or overwrite it") as err:
         export_store(st.path, out)
-    assert "overwrite=True" not in str(err.value)
+    assert "--overwrite" not in str(err.value) and "overwrite=True" not in str(err.value)
+
+
+# -- issue 11 items 3, 5, 8, 16 -----------------------------------------------------------------
+def store_with_failed_and_missing_tiles(tmp_path: Path) -> EmbeddingStore:
+    """10 tiles: rows 0-5 embedded, 6-7 failed to read, 8-9 not embedded yet."""
+    st = create(tmp_path / "p.zarr", n=10)
+    st.write(0, rows(0, 6))
+    st.record_failures([(6, "JPEG error"), (7, "JPEG error")])
+    st.close()
+    ro = EmbeddingStore.open(st.path)
+    ps = PromptSet({"tumor": ["carcinoma"], "normal": ["benign"]})
+    save_scores(ro, "s", score_patches(ro.embeddings, rows(50, 52), 20.0, ps.class_names), ps)
+    return ro
+
+
+def test_failed_and_missing_tiles_are_left_out_of_exports(tmp_path: Path) -> None:
+    st = store_with_failed_and_missing_tiles(tmp_path)
+    g = zarr.open_group(str(export_store(st.path, tmp_path / "p-out.zarr")), mode="r")
+    emb = g["embeddings"][:].astype(np.float64)
+    assert emb.shape == (6, D)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)  # no zero rows
+    np.testing.assert_array_equal(g["store_index"][:], np.arange(6))
+    np.testing.assert_array_equal(g["coords"][:], st.coords[:6])
+    assert g["scores/s/probs"].shape == (6, 2)
+    counts = g.attrs["tilescope_export"]["rows"]
+    assert counts["n_tiles"] == 10 and counts["n_exported"] == 6 and counts["n_failed"] == 2
+    assert counts["n_not_embedded"] == 2 and counts["complete"] is False
+    features = json.loads(export_store(st.path, tmp_path / "p.geojson").read_text())["features"]
+    assert [f["properties"]["index"] for f in features] == list(range(6))  # no polygons for them
+
+
+def test_a_killed_overwrite_keeps_the_old_export(tmp_path: Path, monkeypatch) -> None:
+    from tilescope import _fsops
+
+    st = finished_store(tmp_path, with_scores=False)
+    for name in ("e.zarr", "e.geojson"):
+        out = tmp_path / name
+        export_store(st.path, out, dtype="float32")
+        before = sorted(p.name for p in out.rglob("*")) if out.is_dir() else out.read_bytes()
+
+        def killed(new: Path, target: Path) -> None:
+            raise KeyboardInterrupt  # the export is killed before its new output is in place
+
+        monkeypatch.setattr(_fsops, "publish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            export_store(st.path, out, overwrite=True)
+        monkeypatch.undo()
+        after = sorted(p.name for p in out.rglob("*")) if out.is_dir() else out.read_bytes()
+        assert after == before  # the old export is whole
+    # and a kill between the two renames of a system without an atomic exchange is undone
+    aside = _fsops.temp_path(tmp_path / "e.zarr", "old")
+    (tmp_path / "e.zarr").rename(aside)
+    with pytest.raises(OutputExistsError):  # the old export is back, so it exists
+        export_store(st.path, tmp_path / "e.zarr")
+    assert (tmp_path / "e.zarr" / "zarr.json").exists() and not aside.exists()
+
+
+def test_leftovers_of_killed_exports_are_removed(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from tilescope import _fsops
+
+    st = finished_store(tmp_path, with_scores=False)
+    out = tmp_path / "e.zarr"
+    junk = _fsops.temp_path(out)
+    junk.mkdir()
+    os.utime(junk, (time.time() - 3600, time.time() - 3600))
+    export_store(st.path, out)
+    assert not junk.exists()
+
+
+def test_anonymize_replaces_the_slide_name_by_a_digest(tmp_path: Path) -> None:
+    st = finished_store(tmp_path, with_scores=False)
+    out = export_store(st.path, tmp_path / "a.zarr", anonymize=True)
+    attrs = zarr.open_group(str(out), mode="r").attrs["tilescope_export"]
+    assert attrs["anonymized"] is True
+    assert attrs["provenance"]["slide"]["name"] == "slide-" + "f00"  # the header digest
+    assert "s.svs" not in json.dumps(attrs)
+    assert "s.svs" not in (out / "zarr.json").read_text()

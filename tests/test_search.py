@@ -59,7 +59,10 @@ def test_rectangle_selects_tiles_whose_centre_is_inside() -> None:
     np.testing.assert_array_equal(
         tiles_in_shapes(COORDS, 10, [np.array([[21, 29], [4, 11]])]), [4, 5, 8, 9]
     )
-    assert tiles_in_shapes(COORDS, 10, [np.array([[6, 6], [14, 14]])]).size == 0
+    # no centre inside: the tiles it overlaps most (here four, equally)
+    np.testing.assert_array_equal(
+        tiles_in_shapes(COORDS, 10, [np.array([[6, 6], [14, 14]])]), [0, 1, 4, 5]
+    )
 
 
 def test_half_open_edges_assign_shared_centres_once() -> None:
@@ -100,7 +103,7 @@ def test_negative_region_lowers_tiles_like_it() -> None:
     )
     mixed = [0, 1, 2, 20, 21, 22]  # the drawn region covers both kinds
     plain = similarity(emb, build_query(emb, mixed))
-    pushed = similarity(emb, build_query(emb, mixed, negative_idx=range(20, 30)))
+    pushed = similarity(emb, build_query(emb, mixed, negative_idx=range(20, 30), neg_weight=1.0))
     assert pushed[20:].mean() < plain[20:].mean() - 0.2
     assert pushed[:20].min() > pushed[20:].max()  # every A-like tile outranks every B-like
     assert set(top_k(pushed, 10)) <= set(range(20))
@@ -114,7 +117,7 @@ def test_query_errors() -> None:
     with pytest.raises(SearchError, match="draw over tissue"):
         build_query(emb, [])
     with pytest.raises(SearchError, match="cancel out"):
-        build_query(np.vstack([emb[:1], emb[:1]]), [0], negative_idx=[1])
+        build_query(np.vstack([emb[:1], emb[:1]]), [0], negative_idx=[1], neg_weight=1.0)
     with pytest.raises(SearchError, match="width"):
         similarity(emb, np.ones(D + 1, np.float32))
 
@@ -231,3 +234,64 @@ def test_search_stores_expands_every_folder_of_a_list(tmp_path: Path) -> None:
     assert len(matches) == 30  # every row once: b.zarr, named twice, is searched once
     assert {m.store for m in matches} == {str(p1), str(p2), str(p3)}
     assert (matches[0].store, matches[0].index) == (str(p2), 4)
+
+
+# -- issue 11 item 10 -------------------------------------------------------------------------
+def test_a_region_smaller_than_a_tile_selects_the_tile_it_overlaps_most() -> None:
+    # 2 x 2 px inside tile 5 (x 10..20, y 10..20): that tile, not "covers no tiles"
+    np.testing.assert_array_equal(
+        tiles_in_shapes(COORDS, 10, [np.array([[12, 12], [14, 14]])]), [5]
+    )
+    # straddling tiles 5 and 6, mostly in 6
+    np.testing.assert_array_equal(
+        tiles_in_shapes(COORDS, 10, [np.array([[19, 12], [24, 14]])]), [6]
+    )
+    # a small triangle inside tile 10
+    tri = np.array([[21, 21], [24, 21], [21, 24]])
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [tri]), [10])
+    # only eligible tiles (e.g. embedded ones) are chosen
+    eligible = np.ones(16, bool)
+    eligible[6] = False
+    got = tiles_in_shapes(COORDS, 10, [np.array([[19, 12], [24, 14]])], eligible=eligible)
+    np.testing.assert_array_equal(got, [5])
+    # outside every tile: nothing
+    assert tiles_in_shapes(COORDS, 10, [np.array([[50, 50], [52, 52]])]).size == 0
+
+
+def test_unlike_regions_covering_the_query_are_not_silently_ignored(tmp_path: Path) -> None:
+    emb = random_embeddings(10)
+    store = EmbeddingStore.open(make_store(tmp_path / "s.zarr", emb))
+    coords, _, _ = layout(10)
+    box = [np.array([coords[0] - 1, coords[2] + 448])]  # tiles 0, 1, 2
+    with pytest.raises(SearchError, match="all of them inside the query regions"):
+        query_from_regions(store, box, box)
+    # partly overlapping: the shared tiles count as like, and are not reported as unlike
+    wider = [np.array([coords[1] - 1, coords[4] + 448])]  # tiles 1..4
+    _, pos, neg = query_from_regions(store, box, wider)
+    assert pos.tolist() == [0, 1, 2] and neg.tolist() == [3, 4]
+
+
+def test_default_unlike_weight_keeps_near_duplicates_from_dominating() -> None:
+    """A "not like this" region of near-duplicate tissue (cosine ~0.9 to the query) must
+    lower tiles like it, not turn the query into their small difference: with the default
+    weight the query's own kind still ranks first; with 1.0 it would not."""
+    from tilescope.search import NEG_WEIGHT
+
+    rng = np.random.default_rng(0)
+    a = unit(rng.standard_normal(D))
+    b = unit(a + 0.45 * unit(rng.standard_normal(D)))  # a near-duplicate kind (cos ~0.9)
+    c = unit(rng.standard_normal(D))  # unrelated tissue
+    emb = unit(np.vstack([k + 0.03 * rng.standard_normal((30, D)) for k in (a, b, c)]))
+    assert float(a @ b) > 0.85
+    pos, neg = list(range(0, 5)), list(range(30, 35))
+    q = build_query(emb, pos, neg)  # the default weight
+    sim = similarity(emb, q)
+    assert 0.25 <= NEG_WEIGHT <= 0.5
+    assert sim[5:30].min() > sim[35:60].max()  # A above B: B is pushed down ...
+    assert sim[35:60].min() > sim[60:].max()  # ... but still above unrelated tissue
+    assert sim[5:30].mean() > 0.9  # the query still looks like A
+    heavy = similarity(emb, build_query(emb, pos, neg, neg_weight=1.0))
+    assert heavy[5:30].mean() < 0.5  # at 1.0 the query is mostly the A-B difference ...
+    assert heavy[60:].max() > heavy[5:30].min()  # ... and unrelated tissue outranks A
+    with pytest.raises(SearchError, match="weight"):
+        build_query(emb, pos, neg, neg_weight=-1.0)

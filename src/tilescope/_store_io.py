@@ -1,25 +1,34 @@
-"""On-disk mechanics of the store: opening and validating its group, the writer lock,
-deleting what ``overwrite`` replaces. No embeddings logic here."""
+"""On-disk mechanics of the store: opening and validating its group, the writer lock, what
+``overwrite`` may replace, and reading the generation id. No embeddings logic here."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import errno
+import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
 from ._signature import FORMAT_NAME, FORMAT_VERSION, SIGNATURE_PARTS
-from .errors import StoreCorruptError, StoreError
+from ._store_state import check_metadata
+from .errors import OVERWRITE_WORDS, StoreBusyError, StoreCorruptError, StoreError
+
+#: What to do about a store that cannot be read, worded for readers and for writers.
+READ_HINT = "check the path, or embed the slide again into a new store"
+WRITE_HINT = f"choose another path, or {OVERWRITE_WORDS}"
 
 
-def open_group(p: Path, *, read_only: bool) -> zarr.Group:
-    """Open and validate a store's group; raise StoreCorruptError without writing anything."""
-    hint = "choose another path, or use --overwrite / overwrite=True to replace it"
+def open_group(
+    p: Path, *, read_only: bool, hint: str = READ_HINT
+) -> tuple[zarr.Group, dict[str, Any], dict[str, zarr.Array]]:
+    """Open and validate a store's group, its signature and array metadata.
+
+    Raises `StoreCorruptError` (ending with `hint`) without writing anything.
+    """
     if not p.is_dir():
         raise StoreCorruptError(f"{p}: exists but is not a zarr store directory; {hint}")
     try:
@@ -40,91 +49,90 @@ def open_group(p: Path, *, read_only: bool) -> zarr.Group:
             f"tilescope ({FORMAT_VERSION}); upgrade tilescope"
         )
     try:
-        n, d = int(sig["n_tiles"]), int(sig["embed_dim"])
+        int(sig["n_tiles"]), int(sig["embed_dim"])
         missing = [k for k in (*SIGNATURE_PARTS, "complete") if k not in sig]
         missing += [k for k in ("model", "grid", "layout", "slide") if not isinstance(sig[k], dict)]
         missing += [k for k in ("model_id",) if k not in sig["model"]]
-        missing += [k for k in ("tile_l0",) if k not in sig["layout"]]
+        missing += [k for k in ("tile_l0", "downsample") if k not in sig["layout"]]
         float(np.mean(sig["level0_mpp"]))
     except (KeyError, TypeError, ValueError) as exc:
         missing = [str(exc)]
     if missing:
         raise StoreCorruptError(f"{p}: damaged signature (missing or bad {missing}); {hint}")
-    shapes = {
-        "coords": (n, 2),
-        "grid_rc": (n, 2),
-        "tissue": (n,),
-        "embeddings": (n, d),
-        "done": (n,),
-    }
-    for name, shape in shapes.items():
-        if name not in arrays:
-            raise StoreCorruptError(f"{p}: the array {name!r} is missing; {hint}")
-        if tuple(arrays[name].shape) != shape:
-            raise StoreCorruptError(
-                f"{p}: array {name!r} has shape {arrays[name].shape}, expected {shape}; {hint}"
-            )
+    typed = {k: cast(zarr.Array, v) for k, v in arrays.items() if isinstance(v, zarr.Array)}
+    try:
+        check_metadata(p, typed, sig)
+    except StoreCorruptError as exc:
+        raise StoreCorruptError(f"{exc}; {hint}", array=exc.array) from None
     if read_only:
-        return group
-    return zarr.open_group(LocalStore(p), mode="r+", zarr_format=3, use_consolidated=False)
+        return group, dict(sig), typed
+    group = zarr.open_group(LocalStore(p), mode="r+", zarr_format=3, use_consolidated=False)
+    return group, dict(sig), {k: cast(zarr.Array, group[k]) for k in typed}
+
+
+def read_generation(p: Path) -> str | None:
+    """The generation id in the signature at `p` right now (None if unreadable or absent)."""
+    try:
+        meta = json.loads((p / "zarr.json").read_text(encoding="utf-8"))
+        gen = meta["attributes"]["tilescope"].get("generation")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return str(gen) if gen is not None else ""
+
+
+def lock_path(p: Path) -> Path:
+    """The writer lock file of a store: ``.NAME.zarr.lock`` beside it (kept between runs)."""
+    return p.with_name(f".{p.name}.lock")
 
 
 class WriterLock:
-    """An exclusive flock on ``.NAME.zarr.lock`` beside the store, removed when released.
+    """One writer per store, through `filelock` (an OS lock the system drops when the process
+    dies, so a killed writer leaves no stale lock).
 
-    The OS drops a flock when its file closes or its process dies, so a killed writer leaves
-    no stale lock. The file is checked to still be the one at the path after locking (another
-    writer may have released and removed it meanwhile), the usual pattern for lock files
-    that are deleted. Without fcntl (Windows) nothing is locked.
+    `filelock` replaces the hand-written flock of earlier versions: it is maintained, works on
+    Windows too, and falls back to a soft lock on file systems without ``flock``. Its lock file
+    stays beside the store after release (removing it would race with the next writer).
+
+    Raises `StoreBusyError` if another writer holds the lock, and `OSError` if the lock file
+    cannot be created (a read-only folder): callers that have nothing to write go on without.
     """
 
     def __init__(self, p: Path) -> None:
-        self.path = p.with_name(f".{p.name}.lock")
-        self.fh: Any = None
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return
+        from filelock import FileLock, Timeout
+
+        self.path = lock_path(p)
         p.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):
-            fh = open(self.path, "a+")  # noqa: SIM115 - held while writing
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                raise StoreError(
-                    f"{p}: another writer (a tilescope run here or in napari) is embedding "
-                    "into this store right now; wait for it to finish, or stop it and run "
-                    "again to resume"
-                ) from None
-            try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fh = fh
-                return
-            fh.close()  # locked a file its owner had just removed: try again
-        raise StoreError(f"{p}: could not lock {self.path}; try again")
+        self._lock: Any = FileLock(self.path, timeout=0, thread_local=False)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise StoreBusyError(
+                f"{p}: another writer (a tilescope run here or in napari) is embedding into "
+                "this store right now; wait for it to finish, or stop it and run again to resume"
+            ) from None
 
     def release(self) -> None:
-        if self.fh is not None:
-            self.path.unlink(missing_ok=True)  # while still locked, then unlock
-            self.fh.close()
-            self.fh = None
+        if self._lock is not None and self._lock.is_locked:
+            self._lock.release(force=True)
+        self._lock = None
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
-def remove_store(p: Path) -> None:
-    """Delete what overwrite replaces, refusing anything that does not look like a store."""
+def cannot_create_lock(exc: OSError) -> bool:
+    """True for the errors of a folder where no lock file can be made (read-only, no access)."""
+    return exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def check_replaceable(p: Path) -> None:
+    """Refuse to replace anything at `p` that does not look like a store."""
     if p.is_dir() and not p.is_symlink():
         if p.suffix != ".zarr" and not (p / "zarr.json").exists() and any(p.iterdir()):
             raise StoreError(
                 f"{p}: is a non-empty folder that is not a zarr store; refusing to delete it "
                 "even with overwrite; choose a path ending in .zarr"
             )
-        shutil.rmtree(p)
-    else:
-        p.unlink()

@@ -14,18 +14,22 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Generator, Sequence
+import warnings
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from .grid import TileGrid
+from ._signature import jsonable
+from .errors import NoTilesError, StoreNotice
+from .grid import TileGrid, TileLayout
 from .slide import Slide
 from .store import EmbeddingStore
 from .tiles import stream_tiles
-from .tissue import tissue_mask
+from .tissue import NoTissueWarning, tissue_mask
 
 if TYPE_CHECKING:
     from .models import Encoder
@@ -70,10 +74,45 @@ def store_path_for(slide_path: str | PathLike[str], out_dir: str | PathLike[str]
     return _store_path_for(slide_path, out_dir)
 
 
-def build_signature(slide: Slide, grid: TileGrid, layout: Any, encoder: Encoder) -> dict[str, Any]:
-    """What produced a store (the provenance that must match to resume)."""
-    return {
-        "model": encoder.provenance(),
+#: ``compute_dtype`` of the encoder provenance -> the short precision name recorded.
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def tissue_parameters(tissue_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every parameter of `tissue_mask` as this run uses it (defaults and `tissue_kwargs`),
+    recorded in the signature: other tissue settings give other tiles."""
+    from . import tissue as detector  # the detector's own signature (not a stand-in)
+
+    params = {
+        k: p.default
+        for k, p in inspect.signature(detector.tissue_mask).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(tissue_kwargs or {}) - set(params))
+    if unknown:
+        raise TypeError(f"unknown tissue_mask parameters {unknown}; known: {sorted(params)}")
+    params.update(tissue_kwargs or {})
+    return {"detector": "tilescope.tissue.tissue_mask", **cast(dict[str, Any], jsonable(params))}
+
+
+def build_signature(
+    slide: Slide,
+    grid: TileGrid,
+    layout: Any,
+    encoder: Encoder,
+    *,
+    tissue: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What produced a store (the provenance that must match to resume).
+
+    `layout` is a `~tilescope.grid.GridGeometry` or a `~tilescope.grid.TileLayout` (only its
+    geometry is recorded); `tissue` the tissue parameters (`tissue_parameters`). The model's
+    compute precision is recorded (``fp32``/``bf16``/``fp16``) but never refuses a resume.
+    """
+    model = dict(encoder.provenance())
+    model.setdefault("compute_precision", _PRECISION.get(str(model.get("compute_dtype")), "fp32"))
+    sig = {
+        "model": model,
         "grid": grid.as_dict(),
         "slide": slide.identity(),
         "level0_mpp": [slide.mpp_x, slide.mpp_y],
@@ -85,6 +124,39 @@ def build_signature(slide: Slide, grid: TileGrid, layout: Any, encoder: Encoder)
             "grid_shape": [int(v) for v in layout.grid_shape],
         },
     }
+    if tissue is not None:
+        sig["tissue"] = dict(tissue)
+    return sig
+
+
+def _tissue_layout(slide: Slide, grid: TileGrid, tissue_kwargs: Mapping[str, Any]) -> TileLayout:
+    """Tissue mask and kept tiles of a new store; `NoTilesError` if no tile is kept."""
+    with warnings.catch_warnings():  # said once, in the error below
+        warnings.simplefilter("ignore", NoTissueWarning)
+        mask = tissue_mask(slide, **tissue_kwargs)
+        layout = grid.layout(slide, mask)
+    if not len(layout):
+        raise NoTilesError(
+            f"{slide.path}: no tiles to embed: {grid.empty_reason(mask)} (the minimum tissue "
+            f"fraction, min_tissue, is {grid.min_tissue:g}); lower it if the slide does hold "
+            "tissue"
+        )
+    return layout
+
+
+def store_layout(store: EmbeddingStore) -> TileLayout:
+    """The tiles of a store as a `TileLayout`: its own coords, grid_rc and tissue."""
+    lay = store.signature["layout"]
+    return TileLayout(
+        coords=store.coords,
+        grid_rc=store.grid_rc,
+        tissue=store.tissue,
+        origin=tuple(lay.get("origin", (0, 0))),
+        downsample=lay["downsample"],
+        tile_l0=lay["tile_l0"],
+        stride_l0=lay.get("stride_l0", lay["tile_l0"]),
+        grid_shape=tuple(lay["grid_shape"]),
+    )
 
 
 def iter_embed_slide(
@@ -107,6 +179,11 @@ def iter_embed_slide(
     every row embedded so far is flushed to the store and a later run resumes from there.
     A killed process loses at most the rows of the last ``store.FLUSH_SECONDS`` seconds.
 
+    An existing store is resumed from its own tiles when its signature matches (the tissue
+    is not detected again); a damaged one is repaired (its damaged rows are embedded again).
+    With `overwrite`, a store of this slide made with other settings is replaced: the new one
+    is built beside it and takes its place when the run ends without being cancelled.
+
     Tiles that cannot be read (``on_error="skip"``) are recorded in the store as failed; the
     store still completes, and scores, search and export leave them out. They are tried
     again only with ``retry_failed=True``.
@@ -114,25 +191,31 @@ def iter_embed_slide(
     grid = grid or TileGrid()
     t0 = time.perf_counter()
     name = Path(slide_path).name
+    tissue = tissue_parameters(tissue_kwargs)
     with Slide(slide_path, mpp=slide_mpp) as slide:
         _ = slide.mpp  # fail early and clearly if mpp is missing
+        signature = build_signature(slide, grid, grid.geometry(slide), encoder, tissue=tissue)
         yield EmbedProgress(name, "tissue", 0, 0, 0.0, 0.0)
-        mask = tissue_mask(slide, **(tissue_kwargs or {}))
-        layout = grid.layout(slide, mask)
-        signature = build_signature(slide, grid, layout, encoder)
-    store = EmbeddingStore.create_or_resume(
-        store_path,
-        signature=signature,
-        coords=layout.coords,
-        grid_rc=layout.grid_rc,
-        tissue=layout.tissue,
-        embed_dim=encoder.embed_dim,
-        overwrite=overwrite,
-    )
+        store = EmbeddingStore.resume_or_create(
+            store_path,
+            signature=signature,
+            embed_dim=encoder.embed_dim,
+            make_layout=lambda: _tissue_layout(slide, grid, tissue_kwargs or {}),
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+        )
+    for note in store.notices:
+        warnings.warn(f"{store.path}: resumed with other provenance: {note}", StoreNotice, 2)
+    for damage in store.repaired:
+        warnings.warn(f"{store.path}: repaired: {damage}; embedding those rows again",
+                      StoreNotice, 2)  # fmt: skip
+    layout = store_layout(store)
     try:
-        return (yield from _embed_rows(name, t0, store, layout, grid, encoder, slide_path,
-                                       slide_mpp, batch_size, num_workers, on_error,
-                                       retry_failed))  # fmt: skip
+        result = yield from _embed_rows(name, t0, store, layout, grid, encoder, slide_path,
+                                        slide_mpp, batch_size, num_workers, on_error,
+                                        retry_failed)  # fmt: skip
+        store.publish()  # a replacement (overwrite) takes the old store's place
+        return result
     finally:
         store.close()  # flushes, and lets the next writer in (also on cancel or error)
 
@@ -261,6 +344,16 @@ def embed_slides(
     out_dir: str | PathLike[str],
     **kwargs: Any,
 ) -> list[EmbedResult]:
-    """Embed several slides, one store each in `out_dir`; finished stores are skipped."""
+    """Embed several slides, one store each in `out_dir`; finished stores are skipped.
+
+    Two slides with one file name get two stores (`tilescope.catalog.store_path_for`)."""
+    from .catalog import store_path_for as _store_path_for
+
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return [embed_slide(p, store_path_for(p, out_dir), **kwargs) for p in slide_paths]
+    results: list[EmbedResult] = []
+    taken: list[Path] = []
+    for p in slide_paths:
+        target = _store_path_for(p, out_dir, taken=taken)
+        taken.append(target)
+        results.append(embed_slide(p, target, **kwargs))
+    return results

@@ -7,6 +7,16 @@ from __future__ import annotations
 
 from os import PathLike
 
+#: Core messages offer replacing an existing output with these words; each front end puts its
+#: own control in their place (`reword`): ``--overwrite`` on the command line, the widget's
+#: *overwrite* box in napari.
+OVERWRITE_WORDS = "overwrite it"
+
+
+def reword(message: str, overwrite: str) -> str:
+    """`message` with `OVERWRITE_WORDS` replaced, e.g. by ``"pass --overwrite to replace it"``."""
+    return message.replace(OVERWRITE_WORDS, overwrite)
+
 
 class TilescopeError(Exception):
     """Base class of every error Tilescope raises on purpose."""
@@ -44,6 +54,10 @@ class GridError(TilescopeError):
     """Invalid tiling parameters."""
 
 
+class NoTilesError(GridError):
+    """A slide has no tile to embed with the given settings (no tissue, or a tile too large)."""
+
+
 # -- models -------------------------------------------------------------------------------------
 class ModelError(TilescopeError):
     """A model could not be loaded or used."""
@@ -59,11 +73,46 @@ class StoreError(TilescopeError):
 
 
 class StoreMismatchError(StoreError):
-    """An existing store was made with other parameters; the message lists the differences."""
+    """An existing store was made with other parameters; the message lists the differences.
+
+    ``differences`` holds them one per line; ``can_overwrite`` is False when replacing the
+    store is refused even on request (it holds another slide).
+    """
+
+    def __init__(
+        self, message: str, *, differences: list[str] | None = None, can_overwrite: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.differences = list(differences or [])
+        self.can_overwrite = can_overwrite
 
 
 class StoreCorruptError(StoreError):
-    """A store's layout or attributes are damaged."""
+    """A store's layout, attributes or array data are damaged.
+
+    ``array`` names the damaged array (or ``None`` for the group's metadata).
+    """
+
+    def __init__(self, message: str, *, array: str | None = None) -> None:
+        super().__init__(message)
+        self.array = array
+
+
+class OutputExistsError(StoreError):
+    """An output (an export) exists and may be replaced only on request."""
+
+
+class StoreNotice(UserWarning):
+    """Something a user should know about a store being resumed (a backend or precision that
+    differs from the one that made it, damaged rows that are embedded again); not an error."""
+
+
+class StoreBusyError(StoreError):
+    """Another writer holds the store's lock."""
+
+
+class StoreReplacedError(StoreError):
+    """The store was replaced (``embed --overwrite``) while it was being read: open it again."""
 
 
 # -- scoring and search -------------------------------------------------------------------------

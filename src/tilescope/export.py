@@ -1,38 +1,50 @@
-"""Export a complete embedding store for other tools: a plain zarr v3 group or GeoJSON tiles.
+"""Export an embedding store for other tools: a plain zarr v3 group or GeoJSON tiles.
+
+Only tiles with an embedding are exported: tiles that could not be read (``done`` = 2) and
+tiles not embedded yet (a partial store, a normal state) are left out, so every exported row
+is a real embedding; ``store_index`` maps the rows back to the store, and the provenance says
+how many were left out and why.
 
 Zarr export layout (any zarr v3 reader)::
 
     OUT.zarr/                    group; attribute "tilescope_export" = {format
-                                 "tilescope-export", format_version 1, dtype, level0_mpp,
-                                 tile_l0, tile_um, provenance (the store's full signature)}
-      embeddings  (N, D) float16 or float32, L2-normalised (float16 rows: norm 1 +- 1e-3)
-      coords      (N, 2) int64   level-0 pixel (x, y) of each tile's top-left corner
-      coords_um   (N, 2) float64 the same corner in micrometres (x * mpp_x, y * mpp_y)
-      grid_rc     (N, 2) int32   (row, col) in the tile grid
-      tissue      (N,)   float32 tissue fraction
-      scores/<name>/             saved score sets as in the store (meta in "tilescope_scores")
+                                 "tilescope-export", format_version 2, dtype, level0_mpp,
+                                 tile_l0, tile_um, anonymized, rows (n_tiles of the store,
+                                 n_exported, n_failed, n_not_embedded, complete), provenance
+                                 (the store's full signature)}
+      embeddings  (M, D) float16 or float32, L2-normalised (float16 rows: norm 1 +- 1e-3)
+      coords      (M, 2) int64   level-0 pixel (x, y) of each tile's top-left corner
+      coords_um   (M, 2) float64 the same corner in micrometres (x * mpp_x, y * mpp_y)
+      grid_rc     (M, 2) int32   (row, col) in the tile grid
+      tissue      (M,)   float32 tissue fraction
+      store_index (M,)   int64   the tile's row in the store
+      scores/<name>/             saved score sets, the same M rows (meta in "tilescope_scores")
 
-GeoJSON export: a FeatureCollection with one Polygon per tile in level-0 pixel coordinates
-(QuPath's convention: origin at the top-left of the full-resolution image, y down) with
-properties ``objectType`` "tile", ``index``, ``row``, ``col``, ``tissue`` and ``measurements``
-(``tissue`` and ``"<score set>: <class>"`` probabilities; a value that is not a finite number
-is left out, never written as null). Scores of an untrained model are measurements named
-``"<score set>: <class> [UNTRAINED]"``. Features carry no ``id`` (QuPath reads an id as an
-object UUID). Nothing from associated images (label, macro) is ever exported; the store holds
-none.
+GeoJSON export: a FeatureCollection with one Polygon per exported tile in level-0 pixel
+coordinates (QuPath's convention: origin at the top-left of the full-resolution image, y down)
+with properties ``objectType`` "tile", ``index`` (the store row), ``row``, ``col``, ``tissue``
+and ``measurements`` (``tissue`` and ``"<score set>: <class>"`` probabilities; a value that is
+not a finite number is left out, never written as null). Scores of an untrained model are
+measurements named ``"<score set>: <class> [UNTRAINED]"``. Features carry no ``id`` (QuPath
+reads an id as an object UUID).
 
-The output's suffix says its format (``.zarr``; ``.geojson`` or ``.json``); other suffixes are
-refused. Its parent folder is created. Outputs are written under a temporary name and renamed
-into place when complete; an embedding store is never replaced, even with ``overwrite``.
+Privacy: nothing from associated images (label, macro) is ever exported (the store holds
+none). The provenance holds the slide's file name, which often carries an accession number:
+``anonymize=True`` replaces it by ``slide-<12 hex of its header digest>``.
+
+The output's suffix says its format (`FORMATS`); other suffixes are refused. Its parent
+folder is created. Outputs are written under a temporary name and put in place when complete
+(`tilescope._fsops.publish`: an existing export stays until the new one replaces it
+atomically); an embedding store is never replaced, even with ``overwrite``. Temporaries of
+killed exports are removed by the next export to the same path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -41,8 +53,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from . import _fsops
 from ._signature import jsonable
-from .errors import StoreError
+from .errors import OVERWRITE_WORDS, OutputExistsError, StoreError
 from .store import FORMAT_NAME, EmbeddingStore
 
 __all__ = ["export_store"]
@@ -57,6 +70,30 @@ FORMATS: dict[str, Literal["zarr", "geojson"]] = {
 SUFFIXES = {"zarr": ".zarr", "geojson": ".geojson"}
 #: Appended to the measurement names of scores made with an untrained model.
 UNTRAINED_TAG = " [UNTRAINED]"
+#: Temporaries of an export older than this (seconds) are leftovers of a killed run.
+LEFTOVER_AGE = 600.0
+
+
+@dataclass
+class ExportRows:
+    """What an export writer gets: the store, the rows to export (done rows, ascending), the
+    score sets (full N rows each), the provenance and the row counts for the attributes."""
+
+    store: EmbeddingStore
+    rows: np.ndarray
+    score_sets: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]
+    provenance: dict[str, Any]
+    counts: dict[str, Any]
+
+    def embedding_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(output start, embeddings) of the exported rows, one store chunk at a time."""
+        st, out = self.store, 0
+        for start in range(0, st.n_tiles, max(1, st.chunk_rows)):
+            stop = min(st.n_tiles, start + st.chunk_rows)
+            sel = self.rows[(self.rows >= start) & (self.rows < stop)]
+            if len(sel):
+                yield out, st.read_embeddings(start, stop)[sel - start]
+                out += len(sel)
 
 
 def export_store(
@@ -67,13 +104,14 @@ def export_store(
     fmt: Literal["zarr", "geojson"] | None = None,
     scores: Sequence[str] | None = None,
     overwrite: bool = False,
+    anonymize: bool = False,
 ) -> Path:
-    """Export a complete store to `out` and return its path.
+    """Export a store's embedded tiles to `out` and return its path.
 
     Parameters
     ----------
     store_path
-        An `EmbeddingStore` directory.
+        An `EmbeddingStore` directory; a partial store is exported too (its embedded tiles).
     out
         Output path: a ``.zarr`` directory or a ``.geojson`` (or ``.json``) file; its parent
         folder is created if needed.
@@ -86,12 +124,14 @@ def export_store(
     overwrite
         Replace an existing export at `out` (a zarr group, or a file for GeoJSON). An
         embedding store, or a folder that is not a zarr group, is never replaced.
+    anonymize
+        Replace the slide's file name in the provenance by a digest.
 
     Raises
     ------
     StoreError
-        An unknown suffix, an incomplete store, or an output that exists and may not be
-        replaced; nothing is written then.
+        An unknown suffix, a damaged store, or an output that exists and may not be replaced
+        (`OutputExistsError`); nothing is written then.
     """
     dest = Path(out)
     by_suffix = FORMATS.get(dest.suffix.lower())
@@ -106,47 +146,61 @@ def export_store(
     if dtype not in ("float16", "float32"):
         raise StoreError(f"{dest}: dtype must be float16 or float32, not {dtype!r}")
     store = EmbeddingStore.open(store_path)
-    if not store.complete:
-        raise StoreError(
-            f"{store.path}: the store is incomplete ({store.n_done}/{store.n_tiles} tiles); "
-            "finish embedding (run the same command again) before exporting"
-        )
     if dest.resolve() == store.path.resolve():
         raise StoreError(f"{dest}: is the store itself; choose another output path")
+    _fsops.clean_leftovers(dest, min_age=LEFTOVER_AGE)  # of killed exports, not running ones
     exists = dest.exists() or dest.is_symlink()
     if exists and _is_embedding_store(dest):
         raise StoreError(
             f"{dest}: is an embedding store; refusing to replace it with an export, even "
-            "with --overwrite; choose another output path"
+            "with overwrite; choose another output path"
         )
     if exists and not overwrite:
-        raise StoreError(
-            f"{dest}: already exists; choose another path, or pass --overwrite to replace it"
+        raise OutputExistsError(
+            f"{dest}: already exists; choose another path, or {OVERWRITE_WORDS}"
         )
     if exists and dest.is_dir() and (fmt == "geojson" or not _replaceable_folder(dest)):
         raise StoreError(f"{dest}: is a folder that is not a zarr export; refusing to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     names = store.score_names() if scores is None else list(scores)
-    score_sets = {name: store.read_scores(name) for name in names}
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    selection = ExportRows(
+        store=store,
+        rows=np.flatnonzero(store.done).astype(np.int64),
+        score_sets={name: store.read_scores(name) for name in names},
+        provenance=_provenance(store, anonymize),
+        counts={
+            "n_tiles": store.n_tiles,
+            "n_exported": store.n_done,
+            "n_failed": store.n_failed,
+            "n_not_embedded": store.n_todo,
+            "complete": store.complete,
+            "left_out": "tiles that could not be read (failed) or are not embedded yet",
+        },
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fsops.temp_path(dest)
     try:
-        if fmt == "zarr":
-            _write_zarr(store, tmp, np.dtype(dtype), score_sets)
-        else:
-            _write_geojson(store, tmp, score_sets)
-        old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.old")
-        if exists:
-            os.replace(dest, old)  # keep the old output until the new one is in place
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if exists:
-                os.replace(old, dest)
-            raise
-        _remove_quietly(old)
+        WRITERS[fmt](selection, tmp, dtype=np.dtype(dtype), anonymized=anonymize)
+        _fsops.publish(tmp, dest)  # an old export stays until the new one takes its place
+    except OSError as exc:
+        raise StoreError(
+            f"{dest}: could not write the export ({exc.strerror or exc}); check the free disk "
+            "space and the folder's permissions"
+        ) from exc
     finally:
-        _remove_quietly(tmp)
+        _fsops.remove(tmp)
     return dest
+
+
+def _provenance(store: EmbeddingStore, anonymize: bool) -> dict[str, Any]:
+    sig = store.signature
+    if anonymize:
+        slide = dict(sig.get("slide") or {})
+        digest = str(slide.get("header_sha256") or "")
+        if not digest:
+            digest = hashlib.sha256(str(slide.get("name", "")).encode()).hexdigest()
+        slide["name"] = f"slide-{digest[:12]}"
+        sig["slide"] = slide
+    return sig
 
 
 def _is_embedding_store(path: Path) -> bool:
@@ -164,13 +218,6 @@ def _replaceable_folder(path: Path) -> bool:
     return (path / "zarr.json").exists() or not any(path.iterdir())
 
 
-def _remove_quietly(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _mpp_xy(store: EmbeddingStore) -> np.ndarray:
     mpp = store.signature.get("slide", {}).get("mpp")
     if isinstance(mpp, list) and len(mpp) == 2 and all(isinstance(v, (int, float)) for v in mpp):
@@ -178,41 +225,45 @@ def _mpp_xy(store: EmbeddingStore) -> np.ndarray:
     return np.full(2, store.level0_mpp)
 
 
-def _write_zarr(
-    store: EmbeddingStore, path: Path, dtype: np.dtype, score_sets: dict[str, Any]
-) -> None:
-    n, d, rows = store.n_tiles, store.embed_dim, max(1, min(store.chunk_rows, store.n_tiles))
+def _write_zarr(sel: ExportRows, path: Path, *, dtype: np.dtype, anonymized: bool) -> None:
+    store, idx = sel.store, sel.rows
+    m, d = len(idx), store.embed_dim
+    rows = max(1, min(store.chunk_rows, m))
     group = zarr.open_group(LocalStore(path), mode="w-", zarr_format=3)
     emb = group.create_array(
-        "embeddings", shape=(n, d), dtype=dtype, chunks=(rows, d), compressors=None
+        "embeddings", shape=(m, d), dtype=dtype, chunks=(rows, d), compressors=None
     )
-    for start in range(0, n, rows):  # bounded memory: one chunk at a time
-        emb[start : start + rows] = store.read_embeddings(start, start + rows).astype(dtype)
-    group.create_array("coords", data=store.coords, chunks=(rows, 2))
-    group.create_array("coords_um", data=store.coords * _mpp_xy(store), chunks=(rows, 2))
-    group.create_array("grid_rc", data=store.grid_rc, chunks=(rows, 2))
-    group.create_array("tissue", data=store.tissue, chunks=(rows,))
-    if score_sets:
+    for start, block in sel.embedding_blocks():  # bounded memory: one chunk at a time
+        emb[start : start + len(block)] = block.astype(dtype)
+    group.create_array("coords", data=store.coords[idx], chunks=(rows, 2))
+    group.create_array("coords_um", data=store.coords[idx] * _mpp_xy(store), chunks=(rows, 2))
+    group.create_array("grid_rc", data=store.grid_rc[idx], chunks=(rows, 2))
+    group.create_array("tissue", data=store.tissue[idx], chunks=(rows,))
+    group.create_array("store_index", data=idx, chunks=(rows,))
+    if sel.score_sets:
         parent = group.create_group("scores")
-        for name, (arrays, meta) in score_sets.items():
+        for name, (arrays, meta) in sel.score_sets.items():
             sub = parent.create_group(name)
             for key, arr in arrays.items():
-                sub.create_array(key, data=arr, chunks=(rows, *arr.shape[1:]))
+                sub.create_array(key, data=arr[idx], chunks=(rows, *arr.shape[1:]))
             sub.attrs["tilescope_scores"] = jsonable(meta)
     group.attrs["tilescope_export"] = jsonable(
         {
             "format": EXPORT_FORMAT,
-            "format_version": 1,
+            "format_version": 2,
             "dtype": dtype.name,
             "level0_mpp": store.level0_mpp,
             "tile_l0": store.tile_l0,
             "tile_um": store.tile_l0 * store.level0_mpp,
-            "provenance": store.signature,
+            "anonymized": anonymized,
+            "rows": sel.counts,
+            "provenance": sel.provenance,
         }
     )
 
 
-def _write_geojson(store: EmbeddingStore, path: Path, score_sets: dict[str, Any]) -> None:
+def _write_geojson(sel: ExportRows, path: Path, **_: Any) -> None:
+    store, score_sets = sel.store, sel.score_sets
     t = store.tile_l0
     tag = "" if store.signature["model"].get("trained", True) else UNTRAINED_TAG
     columns = []  # (measurement name, (N,) values)
@@ -223,14 +274,14 @@ def _write_geojson(store: EmbeddingStore, path: Path, score_sets: dict[str, Any]
             columns += [(f"{name}: {c}{tag}", values[:, j]) for j, c in enumerate(classes)]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write('{"type": "FeatureCollection", "features": [')
-        for i in range(store.n_tiles):
+        for written, i in enumerate(int(v) for v in sel.rows):
             x, y = (float(v) for v in store.coords[i])
             ring = [[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]
-            values = {"tissue": _num(store.tissue[i]), **{k: _num(v[i]) for k, v in columns}}
-            measurements = {k: v for k, v in values.items() if v is not None}
+            found = {"tissue": _num(store.tissue[i]), **{k: _num(v[i]) for k, v in columns}}
+            measurements = {k: v for k, v in found.items() if v is not None}
             properties: dict[str, Any] = {
                 "objectType": "tile",
-                "index": i,
+                "index": i,  # the store row
                 "row": int(store.grid_rc[i, 0]),
                 "col": int(store.grid_rc[i, 1]),
             }
@@ -242,8 +293,13 @@ def _write_geojson(store: EmbeddingStore, path: Path, score_sets: dict[str, Any]
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": properties,
             }
-            fh.write(("," if i else "") + "\n" + json.dumps(feature, allow_nan=False))
+            fh.write(("," if written else "") + "\n" + json.dumps(feature, allow_nan=False))
         fh.write("\n]}\n")
+
+
+#: Format -> writer(selection, temporary path, *, dtype, anonymized). Another module may add
+#: its own (e.g. MIL-ready ``.h5``) with a suffix in `FORMATS`: it gets the same rows.
+WRITERS: dict[str, Callable[..., None]] = {"zarr": _write_zarr, "geojson": _write_geojson}
 
 
 def _num(v: Any) -> float | None:

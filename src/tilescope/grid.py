@@ -20,12 +20,19 @@ from .errors import GridError
 from .slide import Slide
 from .tissue import NoTissueWarning, TissueMask
 
-#: How tiles at the right and bottom edges are handled; recorded in provenance.
-EDGE_POLICY = "pad-white"
+#: How tiles at the right and bottom edges are handled; recorded in provenance: they are padded
+#: white past the slide, and their tissue fraction is that of their part inside the slide.
+EDGE_POLICY = "pad-white-inside"
 #: Tiles may enlarge the slide at most this much (level-0 px per tile px >= 0.5).
 MIN_DOWNSAMPLE = 0.5
 #: Grids larger than this are refused (a 200,000 px square slide at 224 px has ~800,000).
 MAX_GRID_CELLS = 20_000_000
+#: Tile sides allowed: at least one ViT patch (16 px); at most 4096 px (a batch of such tiles
+#: is already ~800 MB of pixels, and every model here resizes tiles to 224 px).
+MIN_TILE_PX, MAX_TILE_PX = 16, 4096
+#: Heatmaps of this grid must fit in this many raster cells (as `tilescope.score` requires);
+#: an overlap sharing a small factor with the tile size makes rasters huge.
+MAX_HEATMAP_CELLS = 25_000_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,8 +141,11 @@ class TileGrid:
                 f"target_mpp must be a positive number of µm per pixel (e.g. 0.5 for 20x), "
                 f"got {self.target_mpp!r}"
             )
-        if not _is_int(self.tile_px) or self.tile_px < 1:
-            raise GridError(f"tile_px must be a positive integer, got {self.tile_px!r}")
+        if not _is_int(self.tile_px) or not MIN_TILE_PX <= self.tile_px <= MAX_TILE_PX:
+            raise GridError(
+                f"tile_px must be a whole number of pixels from {MIN_TILE_PX} to {MAX_TILE_PX} "
+                f"(224 is the models' input size), got {self.tile_px!r}"
+            )
         if not _is_int(self.overlap_px) or not 0 <= self.overlap_px < self.tile_px:
             raise GridError(
                 f"overlap_px must be an integer with 0 <= overlap_px < tile_px "
@@ -171,6 +181,59 @@ class TileGrid:
             "edge_policy": EDGE_POLICY,
         }
 
+    def geometry(self, slide: Slide) -> GridGeometry:
+        """Where the grid lies on `slide` (no tissue needed): downsample, tile and stride in
+        level-0 px, origin and grid shape. Validates that the grid is usable.
+
+        Raises
+        ------
+        tilescope.errors.MissingMppError
+            If the slide's pixel size is unknown and was not given when opening it.
+        GridError
+            Tiles would enlarge the slide more than 2x, the slide would be less than one pixel,
+            the grid is too large, or its heatmaps would be (an overlap sharing too small a
+            factor with the tile size).
+        """
+        ds = slide.downsample_for_mpp(self.target_mpp)  # MissingMppError if unknown
+        if ds < MIN_DOWNSAMPLE:
+            raise GridError(
+                f"{slide.name}: tiles at {self.target_mpp} µm/px would enlarge the slide's "
+                f"{slide.mpp:.4g} µm/px pixels {1 / ds:.1f} times; use a target of at least "
+                f"{slide.mpp * MIN_DOWNSAMPLE:.3g} µm/px (or check the slide's pixel size)"
+            )
+        width, height = slide.dimensions
+        if min(width, height) / ds < 1:
+            raise GridError(
+                f"{slide.name}: at {self.target_mpp:g} µm/px the slide "
+                f"({width * slide.mpp:.0f} x {height * slide.mpp:.0f} µm) is less than one pixel; "
+                "use a target mpp near the scan's (e.g. 0.5)"
+            )
+        tile_l0 = self.tile_px * ds
+        stride_l0 = self.stride_px * ds
+        cols, rows = _count(width, tile_l0, stride_l0), _count(height, tile_l0, stride_l0)
+        if rows * cols > MAX_GRID_CELLS:
+            raise GridError(
+                f"{slide.name}: {rows} x {cols} grid cells is more than {MAX_GRID_CELLS:,}; "
+                "use a larger tile, less overlap or a coarser target mpp"
+            )
+        g = math.gcd(self.tile_px, self.stride_px)
+        a, s = self.tile_px // g, self.stride_px // g
+        cells = ((rows - 1) * s + a) * ((cols - 1) * s + a)
+        if cells > MAX_HEATMAP_CELLS:
+            raise GridError(
+                f"{slide.name}: with tiles of {self.tile_px} px and an overlap of "
+                f"{self.overlap_px} px, heatmaps would need {cells:,} cells (the two share only "
+                f"a factor {g}); pick an overlap with a large common factor, e.g. 0, 32, 56 or "
+                f"112 px for 224 px tiles"
+            )
+        return GridGeometry(
+            origin=(0, 0),
+            downsample=ds,
+            tile_l0=tile_l0,
+            stride_l0=stride_l0,
+            grid_shape=(rows, cols),
+        )
+
     def layout(self, slide: Slide, mask: TissueMask | None) -> TileLayout:
         """The kept tiles of this grid on `slide`, in row-major order.
 
@@ -187,54 +250,39 @@ class TileGrid:
 
         Raises
         ------
-        tilescope.errors.MissingMppError
-            If the slide's pixel size is unknown and was not given when opening it.
+        tilescope.errors.MissingMppError, GridError
+            As `geometry`.
 
         Notes
         -----
         The grid starts at level-0 (0, 0) and has as many columns (rows) as needed for the
         tiles to cover the whole width (height): tiles at the right and bottom edges may
-        extend past the slide, and those parts read as white glass (``EDGE_POLICY``
-        ``"pad-white"``). Their tissue fraction is measured over the whole tile, so a tile
-        mostly outside the slide is kept only if its inside part has enough tissue. A slide
-        smaller than one tile gets a 1 x 1 grid; its single tile is padded white and kept if
-        the tissue on the slide covers `min_tissue` of the tile.
+        extend past the slide, and those parts read as white glass (``EDGE_POLICY``). Their
+        tissue fraction is measured over the part inside the slide, so the last strip of
+        tissue is tiled like the rest. A slide smaller than one tile gets a 1 x 1 grid; its
+        single tile is padded white and kept if tissue covers `min_tissue` of the slide.
         """
-        ds = slide.downsample_for_mpp(self.target_mpp)  # MissingMppError if unknown
-        if ds < MIN_DOWNSAMPLE:
-            raise GridError(
-                f"{slide.name}: tiles at {self.target_mpp} µm/px would enlarge the slide's "
-                f"{slide.mpp:.4g} µm/px pixels {1 / ds:.1f} times; use a target of at least "
-                f"{slide.mpp * MIN_DOWNSAMPLE:.3g} µm/px (or check the slide's pixel size)"
-            )
-        tile_l0 = self.tile_px * ds
-        stride_l0 = self.stride_px * ds
-        width, height = slide.dimensions
-        cols, rows = _count(width, tile_l0, stride_l0), _count(height, tile_l0, stride_l0)
-        if rows * cols > MAX_GRID_CELLS:
-            raise GridError(
-                f"{slide.name}: {rows} x {cols} grid cells is more than {MAX_GRID_CELLS:,}; "
-                "use a larger tile, less overlap or a coarser target mpp"
-            )
-        origin = (0, 0)
-        xs = origin[0] + np.rint(np.arange(cols) * stride_l0).astype(np.int64)
-        ys = origin[1] + np.rint(np.arange(rows) * stride_l0).astype(np.int64)
+        geo = self.geometry(slide)
+        rows, cols = geo.grid_shape
+        tile_l0 = geo.tile_l0
+        xs = geo.origin[0] + np.rint(np.arange(cols) * geo.stride_l0).astype(np.int64)
+        ys = geo.origin[1] + np.rint(np.arange(rows) * geo.stride_l0).astype(np.int64)
         if mask is None:
             frac = np.ones((rows, cols), np.float32)
         else:
             _check_mask(slide, mask)
-            frac = mask.box_fraction(xs[None, :], ys[:, None], tile_l0)
+            whole = mask.box_fraction(xs[None, :], ys[:, None], tile_l0).astype(np.float64)
+            width, height = slide.dimensions
+            inside_w = np.clip(width - xs, 0, tile_l0) / tile_l0
+            inside_h = np.clip(height - ys, 0, tile_l0) / tile_l0
+            inside = inside_h[:, None] * inside_w[None, :]
+            frac = np.clip(whole / np.maximum(inside, 1e-12), 0.0, 1.0).astype(np.float32)
         keep = frac >= np.float32(self.min_tissue)
         r, c = np.nonzero(keep)  # row-major
         if not len(r):
-            why = (
-                "the tissue mask is empty"
-                if mask is not None and mask.is_empty
-                else f"no tile has at least {self.min_tissue:.0%} tissue"
-            )
             warnings.warn(
-                f"{slide.name}: no tiles kept ({why}); lower `min_tissue` of the TileGrid "
-                "if the slide does hold tissue.",
+                f"{slide.name}: no tiles kept ({self.empty_reason(mask)}); lower `min_tissue` "
+                "of the TileGrid if the slide does hold tissue.",
                 NoTissueWarning,
                 stacklevel=2,
             )
@@ -242,12 +290,39 @@ class TileGrid:
             coords=np.stack([xs[c], ys[r]], axis=1),
             grid_rc=np.stack([r, c], axis=1).astype(np.int32),
             tissue=frac[r, c],
-            origin=origin,
-            downsample=ds,
+            origin=geo.origin,
+            downsample=geo.downsample,
             tile_l0=tile_l0,
-            stride_l0=stride_l0,
-            grid_shape=(rows, cols),
+            stride_l0=geo.stride_l0,
+            grid_shape=geo.grid_shape,
         )
+
+    def empty_reason(self, mask: TissueMask | None) -> str:
+        """Why a layout of this grid kept no tile (for messages)."""
+        if mask is not None and mask.is_empty:
+            return "the tissue detector found no tissue on the slide"
+        return f"no tile has at least {self.min_tissue:.0%} tissue"
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Where a grid lies on a slide: see `TileLayout` for the fields."""
+
+    origin: tuple[int, int]
+    downsample: float
+    tile_l0: float
+    stride_l0: float
+    grid_shape: tuple[int, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The signature's ``layout`` entry (JSON-serialisable)."""
+        return {
+            "origin": [int(v) for v in self.origin],
+            "downsample": float(self.downsample),
+            "tile_l0": float(self.tile_l0),
+            "stride_l0": float(self.stride_l0),
+            "grid_shape": [int(v) for v in self.grid_shape],
+        }
 
 
 def _check_mask(slide: Slide, mask: TissueMask) -> None:

@@ -34,8 +34,16 @@ __all__ = [
 _PathT = TypeVar("_PathT", bound="str | PathLike[str]")
 
 
+#: Default weight of "not like this" regions in `build_query` (see there for why 0.25).
+NEG_WEIGHT = 0.25
+
+
 def tiles_in_shapes(
-    coords: ArrayLike, tile_l0: float, shapes_l0: Iterable[ArrayLike]
+    coords: ArrayLike,
+    tile_l0: float,
+    shapes_l0: Iterable[ArrayLike],
+    *,
+    eligible: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices (ascending) of tiles whose centre lies inside any of the shapes.
 
@@ -49,26 +57,79 @@ def tiles_in_shapes(
         Polygons as (K, 2) level-0 (x, y) vertices, K >= 3, in order (either winding; the
         closing vertex may be repeated); a (2, 2) array is the axis-aligned rectangle with those
         two opposite corners.
+    eligible
+        (N,) bool: only these tiles may be returned (e.g. the embedded ones).
 
     Notes
     -----
     Inside follows the even-odd (crossing number) rule with half-open edges: a rectangle
     ``[x0, x1] x [y0, y1]`` contains centres with ``x0 <= x < x1`` and ``y0 <= y < y1``, so
-    shapes that share an edge never both claim a tile.
+    shapes that share an edge never both claim a tile. A shape that holds no eligible centre
+    (one smaller than a tile, say) selects the eligible tiles it overlaps most (by area; all
+    of them on a tie), so a click-sized region still means the tile under it.
     """
-    centres = np.asarray(coords, dtype=np.float64).reshape(-1, 2) + float(tile_l0) / 2
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    centres = xy + float(tile_l0) / 2
+    ok = np.ones(len(xy), bool) if eligible is None else np.asarray(eligible, bool).reshape(-1)
     hit = np.zeros(len(centres), dtype=bool)
     for shape in shapes_l0:
-        poly = np.asarray(shape, dtype=np.float64)
-        if poly.shape == (2, 2):
-            (x0, y0), (x1, y1) = poly.min(0), poly.max(0)
-            poly = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-        if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3:
-            raise SearchError(f"a shape must be (K>=3, 2) x, y vertices, got {poly.shape}")
+        poly = _polygon(shape)
         lo, hi = poly.min(0), poly.max(0)
-        cand = np.flatnonzero(np.all((centres >= lo) & (centres <= hi), axis=1) & ~hit)
-        hit[cand] = _points_in_polygon(centres[cand], poly)
+        cand = np.flatnonzero(np.all((centres >= lo) & (centres <= hi), axis=1) & ok)
+        inside = cand[_points_in_polygon(centres[cand], poly)]
+        if not len(inside):
+            inside = _most_overlapped(xy, float(tile_l0), poly, ok)
+        hit[inside] = True
     return np.flatnonzero(hit)
+
+
+def _polygon(shape: ArrayLike) -> np.ndarray:
+    poly = np.asarray(shape, dtype=np.float64)
+    if poly.shape == (2, 2):
+        (x0, y0), (x1, y1) = poly.min(0), poly.max(0)
+        poly = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3:
+        raise SearchError(f"a shape must be (K>=3, 2) x, y vertices, got {poly.shape}")
+    if not np.all(np.isfinite(poly)):
+        raise SearchError("a shape's vertices must be finite numbers")
+    return poly
+
+
+def _most_overlapped(xy: np.ndarray, t: float, poly: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Eligible tiles with the largest overlap area with `poly` (none if it overlaps none)."""
+    lo, hi = poly.min(0), poly.max(0)
+    cand = np.flatnonzero(np.all((xy < hi) & (xy + t > lo), axis=1) & ok)
+    if not len(cand):
+        return cand
+    areas = np.array([_clipped_area(poly, x, y, x + t, y + t) for x, y in xy[cand]])
+    best = areas.max()
+    if not best > 0:
+        return cand[:0]
+    return cand[areas >= best * (1 - 1e-9)]
+
+
+def _clipped_area(poly: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> float:
+    """Area of `poly` inside the box (Sutherland-Hodgman against a convex clip window)."""
+    pts = [tuple(p) for p in poly]
+    for axis, bound, keep_low in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
+        out: list[tuple[float, float]] = []
+        for i, cur in enumerate(pts):
+            prev = pts[i - 1]
+            cur_in = cur[axis] <= bound if keep_low else cur[axis] >= bound
+            prev_in = prev[axis] <= bound if keep_low else prev[axis] >= bound
+            if cur_in != prev_in:
+                f = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                cross = (prev[0] + f * (cur[0] - prev[0]), prev[1] + f * (cur[1] - prev[1]))
+                out.append(cross)
+            if cur_in:
+                out.append(cur)
+        pts = out
+        if not pts:
+            return 0.0
+    a = np.asarray(pts)
+    return float(
+        abs(np.dot(a[:, 0], np.roll(a[:, 1], -1)) - np.dot(a[:, 1], np.roll(a[:, 0], -1))) / 2
+    )
 
 
 def _points_in_polygon(pts: np.ndarray, poly: np.ndarray) -> np.ndarray:
@@ -89,12 +150,18 @@ def build_query(
     embeddings: np.ndarray,
     positive_idx: Sequence[int] | np.ndarray,
     negative_idx: Sequence[int] | np.ndarray | None = None,
-    neg_weight: float = 1.0,
+    neg_weight: float = NEG_WEIGHT,
 ) -> np.ndarray:
     """A unit query vector (D,) from example tiles, Rocchio style.
 
     ``q = mean(E[pos]) - neg_weight * mean(E[neg])``, then L2-normalised. Tiles in both sets
     count as positive only. Negatives push the query away from what they look like.
+
+    The default weight, 0.25, follows Rocchio relevance feedback, whose classic weights put
+    the non-relevant examples at a fifth to a third of the relevant ones (beta = 0.75 against
+    gamma = 0.15-0.25). A weight of 1 lets a "not like this" region that resembles the query
+    (near-duplicate tissue, cosine ~0.9) cancel most of it: the query becomes the small
+    difference between the two, and the ranking follows that instead of the tissue.
 
     Raises
     ------
@@ -108,6 +175,8 @@ def build_query(
             "the drawn region covers no embedded tissue tiles; draw over tissue (a tile counts "
             "when its centre is inside the shape)"
         )
+    if not (np.isfinite(neg_weight) and neg_weight >= 0):
+        raise SearchError(f"the 'not like this' weight must be 0 or more, not {neg_weight!r}")
     q = emb[pos].astype(np.float64).mean(0)
     if negative_idx is not None:
         neg = np.setdiff1d(np.asarray(negative_idx, dtype=np.int64), pos)
@@ -126,7 +195,7 @@ def query_from_regions(
     store: EmbeddingStore,
     positive_shapes: Iterable[ArrayLike],
     negative_shapes: Iterable[ArrayLike] = (),
-    neg_weight: float = 1.0,
+    neg_weight: float = NEG_WEIGHT,
     *,
     empty_message: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,21 +203,29 @@ def query_from_regions(
 
     Only embedded tiles count (``store.done``): a tile whose read failed, or that an
     interrupted run has not reached, is in neither set. The shapes are level-0 polygons as in
-    `tiles_in_shapes`; the query is `build_query` of the two sets.
+    `tiles_in_shapes` (a shape smaller than a tile selects the tile it overlaps most). A tile
+    in both sets counts as positive only, and is not among the negative rows returned; the
+    query is `build_query` of the two sets.
 
     Raises
     ------
     SearchError
-        The positive shapes hold no embedded tile (`empty_message`, if given, says so), or
-        positives and negatives cancel out.
+        The positive shapes hold no embedded tile (`empty_message`, if given, says so); the
+        negative shapes hold tiles but all of them are positive too (the "not like this"
+        regions would be ignored); or positives and negatives cancel out.
     """
     done = store.done
-    pos = tiles_in_shapes(store.coords, store.tile_l0, positive_shapes)
-    pos = pos[done[pos]]
-    neg = tiles_in_shapes(store.coords, store.tile_l0, negative_shapes)
-    neg = neg[done[neg]]
+    pos = tiles_in_shapes(store.coords, store.tile_l0, positive_shapes, eligible=done)
+    neg_all = tiles_in_shapes(store.coords, store.tile_l0, negative_shapes, eligible=done)
     if not len(pos) and empty_message is not None:
         raise SearchError(empty_message)
+    neg = np.setdiff1d(neg_all, pos)
+    if len(neg_all) and not len(neg) and len(pos):
+        raise SearchError(
+            f"the 'not like this' regions hold {len(neg_all)} tiles, all of them inside the "
+            "query regions too (a tile in both counts as like), so they would change nothing; "
+            "draw them over other tissue"
+        )
     return build_query(store.embeddings, pos, neg, neg_weight), pos, neg
 
 

@@ -6,65 +6,79 @@ Layout (zarr v3, a directory ``NAME.zarr``; any zarr v3 reader can read it)::
                                  if any tile failed, "tilescope_failures" = [{index, message}]
       coords      (N, 2) int64   level-0 pixel (x, y) of each tile's top-left corner
       grid_rc     (N, 2) int32   (row, col) of each tile in the tile grid
-      tissue      (N,)   float32 tissue fraction of each tile, 0..1
+      tissue      (N,)   float32 tissue fraction of each tile (of its part inside the slide)
       embeddings  (N, D) float32 L2-normalised image embeddings (after the model's projection),
                                  uncompressed chunks of chunk_rows (4096) x D; a row whose
-                                 done flag is 0 is not valid (fill value 0)
+                                 done flag is not 1 is not valid (zeros)
       done        (N,)   uint8   1 once the embeddings row is written; 2 the tile could not be
                                  read (listed in "tilescope_failures", row stays zeros); 0 not
                                  yet
       scores/<name>/             one group per saved scoring: attribute "tilescope_scores" =
-                                 meta (classes, prompts, templates, logit_scale, model_id);
-                                 arrays cosine, logits, probs (N, C) float32
+                                 meta (classes, prompts, templates, logit_scale, model_id,
+                                 store_state: n_tiles, n_done, n_failed, complete);
+                                 arrays cosine, logits, probs (N, C) float32 (NaN: not embedded)
 
 Rows are tiles in grid order. ``coords = origin + round(grid_rc[:, ::-1] * stride_l0)``; tile
-i covers level-0 pixels ``[x, x + tile_l0) x [y, y + tile_l0)``.
+i covers level-0 pixels ``[x, x + tile_l0) x [y, y + tile_l0)``. Fill values (format 2): a
+missing chunk reads as done 255, coords/grid_rc -1, tissue NaN, values no written chunk holds.
 
 Signature ``attrs["tilescope"]`` (JSON): ``format`` = "tilescope-embeddings",
-``format_version`` = 1, ``tilescope_version``, ``model`` (encoder provenance: model_id,
-weights_digest, trained, embed_dim, logit_scale, ...), ``grid`` (target_mpp, tile_px,
-overlap_px, stride_px, min_tissue, ...), ``layout`` (downsample = level-0 px per target px,
-tile_l0, stride_l0, origin [x0, y0], grid_shape [rows, cols]), ``slide`` (name, size_bytes,
-dimensions, mpp, header_sha256, ...), ``level0_mpp`` (a number or [x, y]), ``embed_dim``,
-``n_tiles``, ``chunk_rows``, ``created`` (ISO 8601, UTC), ``complete`` (true once every row is
-done; then also ``completed``).
+``format_version`` = 2, ``tilescope_version``, ``generation`` (a random id, new for every
+store created), ``model`` (encoder provenance: model_id, weights_digest, trained, embed_dim,
+logit_scale, compute_precision, ...), ``grid`` (target_mpp, tile_px, overlap_px, stride_px,
+min_tissue, edge_policy), ``tissue`` (the tissue detector's parameters), ``layout``
+(downsample = level-0 px per target px, tile_l0, stride_l0, origin [x0, y0], grid_shape
+[rows, cols]), ``slide`` (name, size_bytes, dimensions, mpp, header_sha256, ...),
+``level0_mpp`` (a number or [x, y]), ``embed_dim``, ``n_tiles``, ``chunk_rows``, ``created``
+(ISO 8601, UTC), ``complete`` (true once every row is done or failed; then ``completed``).
 
-Crash safety: a new store is built under a temporary name and renamed into place. Rows are
+Crash safety. A new store is built under a temporary name and renamed into place. Rows are
 staged in memory and written chunk by chunk (and at least every ``FLUSH_SECONDS``); a chunk's
-done flags are written only after its data. zarr's LocalStore writes each file to a temporary
-name and renames it over the target, so a killed writer leaves every file old or new, never
-torn: a row marked done always holds its final embedding, and rows not marked done are
-recomputed on resume. There is no fsync (this guards against a killed process, not against
-power loss), and one writer per store at a time.
+done flags are written only after its data, and failure messages before the failure flags.
+zarr's LocalStore writes each file to a temporary name and renames it over the target, so a
+killed writer leaves every file old or new, never torn. There is no fsync (this guards against
+a killed process, not against power loss). One writer per store (`filelock`).
+
+Replacing (``overwrite``). The new store is built beside the old one (``.NAME.zarr.replacing``,
+resumed by the next overwrite run if this one is killed) and swapped in atomically (see
+`tilescope._fsops`) when the run finishes (`finalize` or `publish`); until then the old store
+stays as it was. Readers see one store or the other, never a mix: every store has its own
+``generation`` id; `open` checks that the id did not change while it read the small arrays,
+and every later read (embeddings, scores) checks it again after reading, raising
+`StoreReplacedError` if the store was swapped meanwhile.
+
+Integrity. `open` runs the cheap checks of `tilescope._store_state` (shapes, dtypes, the
+signature's layout, coords against the layout, readable done flags, embeddings chunk files of
+the right size) and raises `StoreCorruptError` naming the store and the array. Every read of
+embeddings checks that its done rows are finite unit vectors. A writer (`resume_or_create`)
+runs the full check and repairs what re-embedding can: damaged rows are marked not done and
+embedded again.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import time
-import uuid
-from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
+from . import _store_scores
 from ._signature import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MODEL_IDENTITY_KEYS,
-    full_signature,
     jsonable,
     signature_differences,
+    signature_notices,
 )
-from ._store_io import WriterLock, open_group, remove_store
-from .errors import StoreError, StoreMismatchError
+from ._store_io import READ_HINT, WriterLock, open_group, read_generation
+from ._store_state import DONE, FAILED, TODO, Problem, StoreState, bad_embedding_rows, read_state
+from ._store_write import StoreWriting, _runs
+from .errors import OVERWRITE_WORDS, StoreCorruptError, StoreError, StoreReplacedError
 
 __all__ = [
     "FORMAT_NAME",
@@ -72,22 +86,35 @@ __all__ = [
     "MODEL_IDENTITY_KEYS",
     "EmbeddingStore",
     "signature_differences",
+    "signature_notices",
 ]
 
-#: Values of the ``done`` array.
-TODO, DONE, FAILED = 0, 1, 2
 CHUNK_ROWS = 4096
 #: Staged rows are written at least this often (seconds), bounding what a killed writer loses.
 FLUSH_SECONDS = 5.0
 ARRAYS = ("coords", "grid_rc", "tissue", "embeddings", "done")
-_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ = (TODO, DONE, FAILED)  # the values of ``done``, re-exported for callers
 
 
-class EmbeddingStore:
-    """Patch embeddings of one slide in a zarr v3 group; see the module docstring for the layout.
+def corrupt_error(p: Path, problems: list[Problem]) -> StoreCorruptError:
+    """One error for the problems found, naming the store and the first damaged array."""
+    fixable = all(pr.repairable for pr in problems)
+    todo = (
+        "embedding the slide into this store again repairs it (the damaged rows are embedded again)"
+        if fixable
+        else f"embed the slide again into a new store, or {OVERWRITE_WORDS}"
+    )
+    lines = "; ".join(pr.describe() for pr in problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return StoreCorruptError(f"{p}: the store is damaged: {lines}{more}; {todo}",
+                             array=problems[0].array)  # fmt: skip
 
-    Use `create_or_resume` to write and `open` to read; do not call the constructor directly.
+
+class EmbeddingStore(StoreWriting):
+    """Patch embeddings of one slide in a zarr v3 group; see the module docstring.
+
+    Use `resume_or_create` (or `create_or_resume` with a layout at hand) to write and `open`
+    to read; do not call the constructor directly.
 
     Examples
     --------
@@ -99,41 +126,64 @@ class EmbeddingStore:
     ...     store.finalize()
     """
 
-    def __init__(self, path: Path, group: zarr.Group, *, read_only: bool) -> None:
-        self.path = path
+    def __init__(
+        self,
+        path: Path,
+        group: zarr.Group,
+        sig: dict[str, Any],
+        arrays: dict[str, zarr.Array],
+        state: StoreState,
+        *,
+        read_only: bool,
+        root: Path | None = None,
+    ) -> None:
+        self.path = path  #: where the store is (once published, for a replacement)
+        self._root = root or path  # where its files are now
         self.read_only = read_only
         self._group = group
-        self._sig: dict[str, Any] = dict(cast(Mapping[str, Any], group.attrs["tilescope"]))
-        # _open_group checked that each of ARRAYS is an array
-        self._arr = {name: cast(zarr.Array, group[name]) for name in ARRAYS}
+        self._sig = sig
+        self._arr = arrays
         self._staged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._emb_cache: np.ndarray | None = None
         self._lock: WriterLock | None = None  # a writer's lock, held while this object lives
         self.flush_seconds = FLUSH_SECONDS
         self._flushed_at = time.monotonic()
-        flags = np.asarray(self._arr["done"][:])
-        self._done = flags == DONE
-        self._failed = flags == FAILED
+        self._done = state.flags == DONE
+        self._failed = state.flags == FAILED
+        self.problems: list[Problem] = state.problems  #: found on opening (writers only)
+        self.notices: list[str] = []  #: provenance that differs from the run resuming it
+        self.repaired: list[str] = []  #: damage a writer found and will re-embed
         emb = self._arr["embeddings"]
         self.n_tiles, self.embed_dim = int(emb.shape[0]), int(emb.shape[1])
         self.chunk_rows = int(emb.chunks[0])
-        self.coords: np.ndarray = np.asarray(self._arr["coords"][:])  # (N, 2) level-0 x, y
-        self.grid_rc: np.ndarray = np.asarray(self._arr["grid_rc"][:])  # (N, 2) row, col
-        self.tissue: np.ndarray = np.asarray(self._arr["tissue"][:])  # (N,) 0..1
+        self.coords: np.ndarray = state.coords  # (N, 2) level-0 x, y
+        self.grid_rc: np.ndarray = state.grid_rc  # (N, 2) row, col
+        self.tissue: np.ndarray = state.tissue  # (N,) 0..1
         self.model_id = str(self._sig["model"]["model_id"])
         self.slide_name = str(self._sig["slide"].get("name", path.stem))
-        mpp = self._sig["level0_mpp"]  # a number or [mpp_x, mpp_y]
-        self.level0_mpp = float(np.mean(mpp))
+        self.level0_mpp = float(np.mean(self._sig["level0_mpp"]))  # a number or [x, y]
         self.tile_l0 = float(self._sig["layout"]["tile_l0"])
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | PathLike[str]) -> EmbeddingStore:
-        """Open an existing store read-only (saving scores is still allowed)."""
+        """Open an existing store read-only (saving scores is still allowed).
+
+        Raises `StoreCorruptError` if the cheap integrity checks fail (see the module).
+        """
         p = Path(path)
         if not p.exists():
             raise StoreError(f"{p}: no such embedding store; embed the slide first")
-        return cls(p, open_group(p, read_only=True), read_only=True)
+        for _attempt in range(3):  # a store swapped in while we read: read the new one
+            group, sig, arrays = open_group(p, read_only=True, hint=READ_HINT)
+            state = read_state(p, arrays, sig)
+            if read_generation(p) == sig.get("generation", ""):
+                break
+        else:
+            raise StoreReplacedError(f"{p}: the store is being replaced; try again")
+        if state.problems:
+            raise corrupt_error(p, state.problems)
+        return cls(p, group, sig, arrays, state, read_only=True)
 
     @classmethod
     def create_or_resume(
@@ -148,126 +198,100 @@ class EmbeddingStore:
         overwrite: bool = False,
         chunk_rows: int = CHUNK_ROWS,
     ) -> EmbeddingStore:
-        """Create a store, or resume one made with an equal signature and layout.
+        """`resume_or_create` with the layout given: (N, 2) level-0 (x, y) `coords`, (N, 2)
+        `grid_rc`, (N,) `tissue`. A store whose tiles differ from `coords` / `grid_rc`
+        counts as made with other parameters."""
+        from ._store_open import Layout
+
+        lay = Layout(coords, grid_rc, tissue)
+        if len(lay.grid_rc) != len(lay.coords) or len(lay.tissue) != len(lay.coords):
+            raise StoreError(f"{path}: coords, grid_rc and tissue must have the same length")
+        return cls.resume_or_create(
+            path,
+            signature=signature,
+            embed_dim=embed_dim,
+            make_layout=lambda: lay,
+            overwrite=overwrite,
+            chunk_rows=chunk_rows,
+            compare_layout=True,
+        )
+
+    @classmethod
+    def resume_or_create(
+        cls,
+        path: str | PathLike[str],
+        *,
+        signature: Mapping[str, Any],
+        embed_dim: int,
+        make_layout: Callable[[], Any],
+        overwrite: bool = False,
+        chunk_rows: int = CHUNK_ROWS,
+        retry_failed: bool = False,
+        compare_layout: bool = False,
+    ) -> EmbeddingStore:
+        """Resume the store at `path` from its own tiles, or create it.
 
         Parameters
         ----------
         path
             Store directory, conventionally ``NAME.zarr``.
         signature
-            At least model, grid, layout, slide, level0_mpp (`level0_mpp` a number or [x, y]).
-        coords, grid_rc, tissue
-            The tile layout: (N, 2) level-0 (x, y), (N, 2) (row, col), (N,) tissue fraction.
+            At least model, grid, layout, slide, level0_mpp (no tile count: the store's own
+            tiles are resumed, so a tissue mask that moved by a pixel changes nothing).
         embed_dim
             Embedding width D.
+        make_layout
+            Called only to create a store (or rebuild damaged layout arrays): returns an
+            object with ``coords`` (N, 2), ``grid_rc`` (N, 2) and ``tissue`` (N,).
         overwrite
-            Delete an existing store at `path` (mismatching or corrupt) and start afresh.
+            Replace a store of the same slide made with other parameters, or an unreadable
+            one. The replacement is built beside it and swapped in by `finalize`/`publish`.
+            A store of another slide is never replaced.
         chunk_rows
             Rows per chunk of ``embeddings`` for a new store.
+        retry_failed
+            A complete store with failed tiles will be written (they are retried).
+        compare_layout
+            Also refuse a store whose tiles differ from ``make_layout()``'s.
+
+        Returns
+        -------
+        EmbeddingStore
+            Writable and locked; or, for a complete store with nothing to do in a folder
+            where no lock file can be made (a read-only file system), read-only.
 
         Raises
         ------
         StoreMismatchError
-            The existing store was made with other parameters (each difference is listed).
+            The store was made with other parameters (each is listed), or holds another slide.
         StoreCorruptError
-            Something that is not a readable Tilescope store is at `path`. Neither error
-            changes anything on disk.
+            What is at `path` is not a readable store (without `overwrite`), or its layout is
+            damaged beyond repair. Neither error changes anything on disk.
+        StoreBusyError
+            Another writer holds the store.
         """
-        p = Path(path)
-        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-        n = len(coords)
-        grid_rc = np.asarray(grid_rc, dtype=np.int32).reshape(-1, 2)
-        tissue = np.asarray(tissue, dtype=np.float32).reshape(-1)
-        if len(grid_rc) != n or len(tissue) != n:
-            raise StoreError(f"{p}: coords, grid_rc and tissue must have the same length")
-        if int(embed_dim) < 1 or chunk_rows < 1:
-            raise StoreError(f"{p}: embed_dim and chunk_rows must be positive")
-        sig = full_signature(p, signature, n=n, embed_dim=int(embed_dim), chunk_rows=chunk_rows)
-        lock = WriterLock(p)  # one writer per store; released by close() or when dropped
-        try:
-            store = cls._create_or_resume(p, sig, coords, grid_rc, tissue, overwrite, chunk_rows)
-        except BaseException:
-            lock.release()
-            raise
-        store._lock = lock
-        return store
+        from ._store_open import resume_or_create
 
-    @classmethod
-    def _create_or_resume(
-        cls,
-        p: Path,
-        sig: dict[str, Any],
-        coords: np.ndarray,
-        grid_rc: np.ndarray,
-        tissue: np.ndarray,
-        overwrite: bool,
-        chunk_rows: int,
-    ) -> EmbeddingStore:
-        n, embed_dim = len(coords), int(sig["embed_dim"])
-        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
-            pass  # an empty folder holds nothing to lose: create the store in it
-        elif p.exists() or p.is_symlink():
-            if overwrite:
-                remove_store(p)
-            else:
-                store = cls(p, open_group(p, read_only=False), read_only=False)
-                store._check_resume(sig, coords, grid_rc, tissue)
-                for f in p.rglob("*.partial"):  # temporaries of a killed writer
-                    if _PARTIAL.search(f.name):
-                        f.unlink()
-                return store
-        # build under a temporary name and rename: a store path never holds half a store
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            group = zarr.open_group(LocalStore(tmp), mode="w-", zarr_format=3)
-            rows, d = max(1, min(chunk_rows, n)), int(embed_dim)
-            group.create_array("coords", data=coords, chunks=(rows, 2))
-            group.create_array("grid_rc", data=grid_rc, chunks=(rows, 2))
-            group.create_array("tissue", data=tissue, chunks=(rows,))
-            group.create_array(
-                "embeddings", shape=(n, d), dtype="float32", chunks=(rows, d),
-                compressors=None, fill_value=0.0,
-            )  # fmt: skip
-            group.create_array("done", shape=(n,), dtype="uint8", chunks=(rows,), fill_value=0)
-            group.attrs["tilescope"] = sig
-            os.replace(tmp, p)  # also onto an empty folder
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return cls(p, open_group(p, read_only=False), read_only=False)
-
-    def _check_resume(
-        self, sig: dict[str, Any], coords: np.ndarray, grid_rc: np.ndarray, tissue: np.ndarray
-    ) -> None:
-        diffs = signature_differences(self._sig, sig)
-        if self.complete:  # nothing left to write: another tilescope version may reuse it
-            diffs = [d for d in diffs if not d.startswith("tilescope_version")]
-        if not diffs:
-            if not np.array_equal(self.coords, coords) or not np.array_equal(self.grid_rc, grid_rc):
-                diffs.append("tile coordinates differ from the requested layout")
-            elif not np.allclose(self.tissue, tissue, atol=1e-6, equal_nan=True):
-                diffs.append("tissue fractions differ from the requested layout")
-        if diffs:
-            raise StoreMismatchError(
-                f"{self.path}: this store was made with other parameters:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse another output path, or --overwrite / overwrite=True to replace it."
-            )
+        return resume_or_create(
+            cls, Path(path), signature, int(embed_dim), make_layout, overwrite=overwrite,
+            chunk_rows=chunk_rows, retry_failed=retry_failed, compare_layout=compare_layout,
+        )  # fmt: skip
 
     def __enter__(self) -> EmbeddingStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.flush()
         self.close()
 
     def close(self) -> None:
-        """Flush staged rows (if writable) and let other writers in."""
-        if not self.read_only:
-            self.flush()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Flush staged rows (if writable) and let other writers in. Does not publish."""
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"{self.n_done}/{self.n_tiles} done"
@@ -277,11 +301,24 @@ class EmbeddingStore:
     @property
     def signature(self) -> dict[str, Any]:
         """A copy of the provenance signature (``attrs["tilescope"]``)."""
-        return jsonable(self._sig)
+        return cast(dict[str, Any], jsonable(self._sig))
 
     @property
     def complete(self) -> bool:
         return bool(self._sig.get("complete", False))
+
+    @property
+    def generation(self) -> str:
+        """The id of this store's generation (new whenever a store is created or replaced)."""
+        return str(self._sig.get("generation", ""))
+
+    def _check_generation(self) -> None:
+        """Raise `StoreReplacedError` if another store was swapped in since this one opened."""
+        if self.read_only and read_generation(self._root) != self.generation:
+            raise StoreReplacedError(
+                f"{self.path}: the store was replaced (by an embed with overwrite) while it "
+                "was being read; open it again"
+            )
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -294,10 +331,29 @@ class EmbeddingStore:
         return emb
 
     def read_embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of the embeddings, read from disk and not kept."""
+        """Rows ``start:stop`` of the embeddings, read from disk (not kept) and checked:
+        every done row must be a finite unit vector, else `StoreCorruptError`."""
         if self._emb_cache is not None:
             return self._emb_cache[start:stop]
-        return np.asarray(self._arr["embeddings"][start:stop])
+        a, b, _ = slice(start, stop).indices(self.n_tiles)
+        try:
+            block = np.asarray(self._arr["embeddings"][a:b])
+        except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for damaged chunks
+            from ._store_state import scan_embeddings
+
+            found = [pr for pr in scan_embeddings(self._arr["embeddings"], self._done)]
+            raise corrupt_error(
+                self.path, found or [Problem("embeddings", f"rows {a}-{b} cannot be read ({exc})")]
+            ) from exc
+        self._check_generation()
+        bad = bad_embedding_rows(block, self._done[a:b])
+        if len(bad):
+            from ._store_state import rows_text
+
+            raise corrupt_error(self.path, [Problem("embeddings", f"{rows_text(a + bad)} marked "
+                                "done are not finite unit vectors (zeroed or overwritten data)",
+                                a + bad)])  # fmt: skip
+        return block
 
     @property
     def done(self) -> np.ndarray:
@@ -307,6 +363,23 @@ class EmbeddingStore:
     @property
     def n_done(self) -> int:
         return int(self._done.sum())
+
+    @property
+    def n_failed(self) -> int:
+        return int(self._failed.sum())
+
+    @property
+    def n_todo(self) -> int:
+        """Rows neither embedded nor recorded as failed."""
+        return self.n_tiles - self.n_done - self.n_failed
+
+    def state_text(self) -> str:
+        """'214 tiles, all embedded' / '112 of 214 tiles embedded (3 failed, 99 not yet)'."""
+        if self.n_done == self.n_tiles:
+            return f"{self.n_tiles} tiles, all embedded"
+        parts = [f"{self.n_failed} failed"] if self.n_failed else []
+        parts += [f"{self.n_todo} not embedded yet"] if self.n_todo else []
+        return f"{self.n_done} of {self.n_tiles} tiles embedded ({', '.join(parts)})"
 
     def todo_indices(self, *, include_failed: bool = False) -> np.ndarray:
         """Rows neither done on disk nor staged in memory, ascending (int64).
@@ -322,87 +395,14 @@ class EmbeddingStore:
         """`todo_indices` as sorted half-open ``(start, stop)`` runs."""
         return _runs(self.todo_indices())
 
-    # -- writing ----------------------------------------------------------------------------
-    def write(self, start: int, embeddings: np.ndarray) -> None:
-        """`write_rows` for the contiguous rows ``start .. start + len(embeddings)``."""
-        self.write_rows(np.arange(start, start + len(embeddings)), embeddings)
-
-    def write_rows(self, indices: np.ndarray, embeddings: np.ndarray) -> None:
-        """Stage embeddings (K, D) of rows `indices` (K,); save chunks that become whole.
-
-        A chunk is written (data first, then its done flags) once every row of it is done or
-        staged. Staged rows of unfinished chunks are written by `flush`, on leaving a ``with``
-        block, by `finalize`, and at least every `flush_seconds`, which bounds what a killed
-        writer loses.
-        """
-        self._check_writable()
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        emb = np.asarray(embeddings, dtype=np.float32)
-        n, d, rows = self.n_tiles, self.embed_dim, self.chunk_rows
-        if emb.shape != (len(idx), d) or (len(idx) and not 0 <= idx.min() <= idx.max() < n):
-            raise StoreError(
-                f"{self.path}: cannot write {emb.shape} embeddings to rows "
-                f"{idx.min() if len(idx) else ''}..: the store holds {n} rows of width {d}"
-            )
-        norms = np.linalg.norm(emb, axis=1)
-        if not np.all(np.isfinite(emb)) or not np.allclose(norms, 1.0, atol=1e-2):
-            raise StoreError(f"{self.path}: embeddings must be finite and L2-normalised")
-        if not len(idx):
-            return
-        order = np.argsort(idx, kind="stable")
-        idx, emb = idx[order], emb[order]
-        chunk = idx // rows
-        bounds = np.flatnonzero(np.diff(chunk)) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(idx)], strict=True):
-            c = int(chunk[a])
-            c0, c1 = c * rows, min((c + 1) * rows, n)
-            buf, staged = self._staged.setdefault(
-                c, (np.zeros((c1 - c0, d), np.float32), np.zeros(c1 - c0, bool))
-            )
-            buf[idx[a:b] - c0] = emb[a:b]
-            staged[idx[a:b] - c0] = True
-            if np.all(staged | self._done[c0:c1] | self._failed[c0:c1]):
-                self._flush_chunk(c)
-        if self._staged and time.monotonic() - self._flushed_at > self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write every staged row (partial chunks too) and mark it done."""
-        for c in sorted(self._staged):
-            self._flush_chunk(c)
-        self._flushed_at = time.monotonic()
-
-    def record_failures(self, failures: Iterable[tuple[int, str]]) -> None:
-        """Flush, then mark tiles that could not be read as failed (``done`` = 2) and list them
-        in ``attrs["tilescope_failures"]`` (``{"index", "message"}``), together with earlier
-        failures that are still not embedded. Failed rows are not retried on resume unless
-        asked (`todo_indices(include_failed=True)`); they do not keep a store from completing.
-        """
-        self._check_writable()
-        self.flush()
-        merged = {i: m for i, m in self.failures if not self._done[i]}
-        merged.update((int(i), str(m)) for i, m in failures)
-        idx = np.array(sorted(merged), dtype=np.int64)
-        for a, b in _runs(idx):
-            self._arr["done"][a:b] = FAILED
-        self._failed[:] = False
-        self._failed[idx] = True
-        rows: list[dict[str, int | str]] = [
-            {"index": int(i), "message": merged[int(i)]} for i in idx
-        ]
-        if rows or "tilescope_failures" in self._group.attrs:
-            self._group.attrs["tilescope_failures"] = rows
-
-    @property
-    def n_failed(self) -> int:
-        return int(self._failed.sum())
-
     @property
     def failures(self) -> list[tuple[int, str]]:
         """Tiles that could not be read and are not embedded: (row, message)."""
-        rows = self._group.attrs.get("tilescope_failures") or []
+        rows = cast(list[dict[str, Any]], self._group.attrs.get("tilescope_failures") or [])
         # JSON written by record_failures: a list of {"index": int, "message": str}
-        return [(int(r["index"]), str(r["message"])) for r in cast(list[dict[str, Any]], rows)]
+        listed = {int(r["index"]): str(r["message"]) for r in rows}
+        return [(int(i), listed.get(int(i), "(no message recorded)"))
+                for i in np.flatnonzero(self._failed)]  # fmt: skip
 
     @staticmethod
     def is_complete(path: str | PathLike[str]) -> bool:
@@ -412,94 +412,23 @@ class EmbeddingStore:
         except (StoreError, OSError):
             return False
 
-    def _flush_chunk(self, c: int) -> None:
-        buf, staged = self._staged[c]
-        c0 = c * self.chunk_rows
-        runs = _runs(np.flatnonzero(staged))
-        for a, b in runs:  # data first ...
-            self._arr["embeddings"][c0 + a : c0 + b] = buf[a:b]
-        for a, b in runs:  # ... then the flags, so a done row always holds its final data
-            self._arr["done"][c0 + a : c0 + b] = DONE
-            self._done[c0 + a : c0 + b] = True
-            self._failed[c0 + a : c0 + b] = False
-        del self._staged[c]
-
-    def finalize(self) -> None:
-        """Flush, check every row is done (or recorded as failed) and mark the store complete.
-
-        A complete store may hold failed rows (``n_failed`` in the signature): they are zeros,
-        ``done`` = 2, and scoring, search and export leave them out.
-        """
-        self._check_writable()
-        self.flush()
-        left = int((~(self._done | self._failed)).sum())
-        if left:
-            raise StoreError(
-                f"{self.path}: {left} of {self.n_tiles} tiles are not embedded yet; run the "
-                "same command again to resume"
-            )
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._sig = {**self._sig, "complete": True, "completed": now, "n_failed": self.n_failed}
-        self._group.attrs["tilescope"] = self._sig
-
-    def _check_writable(self) -> None:
-        if self.read_only:
-            raise StoreError(f"{self.path}: opened read-only; use create_or_resume to write")
-
     # -- scores -----------------------------------------------------------------------------
     def write_scores(
         self, name: str, scores: Mapping[str, np.ndarray], meta: Mapping[str, Any]
     ) -> None:
         """Save arrays with N rows under ``scores/<name>``, replacing a previous one.
 
-        Allowed on stores opened read-only (embeddings stay untouched). The store must be
-        complete. ``meta`` (JSON) is written last; a set without it is not listed.
+        Allowed on stores opened read-only (embeddings stay untouched) and on partial stores:
+        the meta records ``store_state`` (n_tiles, n_done, n_failed, complete). The new set is
+        written aside and swapped in, so a killed save keeps the set it was replacing.
+        Names must be plain (``A-Z a-z 0-9 _ . -``, not starting with ``.`` or ``-``).
         """
-        if not _NAME.match(name):
-            raise StoreError(f"{self.path}: score name {name!r} may use only A-Z a-z 0-9 _ . -")
-        if not self.complete:
-            raise StoreError(
-                f"{self.path}: the store is incomplete ({self.n_done}/{self.n_tiles} tiles); "
-                "finish embedding (run the same command again) before saving scores"
-            )
-        for key, arr in scores.items():
-            if not _NAME.match(key) or np.shape(arr)[:1] != (self.n_tiles,):
-                raise StoreError(
-                    f"{self.path}: score array {key!r} must have N={self.n_tiles} rows"
-                )
-        root = zarr.open_group(LocalStore(self.path), mode="r+", use_consolidated=False)
-        parent = root.require_group("scores")
-        group = parent.create_group(name, overwrite=True)
-        for key, arr in scores.items():
-            arr = np.asarray(arr)
-            group.create_array(
-                key, data=arr, chunks=(max(1, min(self.chunk_rows, len(arr))),) + arr.shape[1:]
-            )
-        group.attrs["tilescope_scores"] = jsonable(dict(meta))
+        _store_scores.write_scores(self, name, scores, meta)
 
     def score_names(self) -> list[str]:
         """Names of complete saved score sets, sorted."""
-        if not (self.path / "scores" / "zarr.json").exists():
-            return []
-        parent = cast(zarr.Group, open_group(self.path, read_only=True)["scores"])
-        return sorted(k for k, g in parent.groups() if "tilescope_scores" in g.attrs)
+        return _store_scores.score_names(self)
 
     def read_scores(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays and meta of the score set `name`."""
-        if name not in self.score_names():
-            have = ", ".join(self.score_names()) or "none"
-            raise StoreError(f"{self.path}: no saved scores named {name!r} (saved: {have})")
-        group = cast(zarr.Group, open_group(self.path, read_only=True)[f"scores/{name}"])
-        arrays = {k: np.asarray(a[:]) for k, a in group.arrays()}
-        return arrays, dict(cast(Mapping[str, Any], group.attrs["tilescope_scores"]))
-
-
-# -- helpers ------------------------------------------------------------------------------------
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted indices as half-open runs ``(start, stop)``."""
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(idx)]])
-    return [(int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+        return _store_scores.read_scores(self, name)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 from typing import Any
 
-from ..errors import TilescopeError
+from ..errors import TilescopeError, reword
+
+#: What `describe` puts where the core offers to overwrite, in commands that have the flag.
+OVERWRITE_FLAG = "pass --overwrite to replace it"
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -35,20 +40,58 @@ class ProgressBar:
             self.bar.close()
 
 
-def parse_box(text: str) -> list[list[float]]:
-    """ "x,y,w,h" in level-0 pixels -> the rectangle's two corners for search.tiles_in_shapes."""
+def parse_box(text: str, flag: str = "--region") -> list[list[float]]:
+    """ "x,y,w,h" in level-0 pixels -> the rectangle's two corners for search.tiles_in_shapes.
+
+    Width and height must be positive and every number finite."""
     try:
         x, y, w, h = (float(v) for v in text.split(","))
     except ValueError:
-        msg = f"a region is x,y,width,height in level-0 pixels, not {text!r}"
+        msg = f"{flag} {text!r}: a region is x,y,width,height in level-0 pixels"
         raise TilescopeError(msg) from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise TilescopeError(f"{flag} {text!r}: every number must be finite")
+    if w <= 0 or h <= 0:
+        raise TilescopeError(
+            f"{flag} {text!r}: width and height must be positive (x,y is the top-left corner "
+            "in level-0 pixels)"
+        )
     return [[x, y], [x + w, y + h]]
 
 
 def require_slide_for_png(args: argparse.Namespace) -> None:
-    """Refuse `--png` without `--slide` before any work is done (or saved)."""
+    """Refuse `--png` without `--slide`, or to a file not named .png, before any work is done
+    (or saved)."""
     if args.png and not args.slide:
         raise TilescopeError("--png draws over the slide: pass its file with --slide")
+    if args.png and Path(args.png).suffix.lower() != ".png":
+        raise TilescopeError(f"--png {args.png}: the figure is a PNG file; name it ….png")
+
+
+def require_store_slide(args: argparse.Namespace, store: Any) -> None:
+    """Refuse `--png --slide OTHER` before any work: the slide must be the store's (same
+    file content: byte size and header digest), else its heatmap lands on another slide."""
+    if not args.png or not args.slide:
+        return
+    from ..catalog import file_identity, same_slide
+
+    slide = Path(args.slide)
+    if not slide.is_file():
+        raise TilescopeError(f"--slide {slide}: no such file; pass the slide of {store.path}")
+    made_from = store.signature.get("slide") or {}
+    if not same_slide(made_from, file_identity(slide)):
+        raise TilescopeError(
+            f"--slide {slide}: is not the slide this store was made from "
+            f"({made_from.get('name', '?')}, {made_from.get('size_bytes', '?')} bytes); pass "
+            "that slide's file, or the store of this slide"
+        )
+
+
+def state_text(store: Any) -> str:
+    """'all 214 tiles' or '112 of 214 tiles (3 failed, 99 not embedded yet)'."""
+    if store.n_done == store.n_tiles:
+        return f"all {store.n_tiles} tiles"
+    return store.state_text().replace(" tiles embedded", " tiles")
 
 
 def xywh(text: str) -> tuple[float, float, float, float]:
@@ -83,12 +126,17 @@ def add_png_args(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, *, overwrite: str | None = None) -> str:
     """One line for the user: a TilescopeError's message, or a file-system error's path and
-    reason (``path: Permission denied``)."""
+    reason (``path: Permission denied``).
+
+    Commands with an ``--overwrite`` flag pass `overwrite` (e.g. ``"pass --overwrite to
+    replace it"``) to name it where the core offers to overwrite; others say nothing of it.
+    """
     if isinstance(exc, OSError) and exc.filename is not None:
         where = str(exc.filename)
         if exc.filename2 is not None:
             where += f" -> {exc.filename2}"
         return f"{where}: {exc.strerror or exc}"
-    return str(exc)
+    text = str(exc)
+    return reword(text, overwrite) if overwrite else text

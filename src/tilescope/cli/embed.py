@@ -1,55 +1,142 @@
-"""``tilescope embed``: tile and embed slides into zarr stores (resumable)."""
+"""``tilescope embed``: tile and embed slides into zarr stores (resumable).
+
+Where stores go: ``-o x.zarr`` with one slide writes exactly that store; ``-o DIR`` writes one
+store per slide in DIR (``DIR/<stem>.zarr``, or the store this slide already has there, or
+``DIR/<stem>-<digest>.zarr`` when another slide has the plain name); without ``-o`` the stores
+go to the default folder the napari widgets use (`tilescope.catalog.default_store_dir`).
+Every slide is checked (file, format, pixel size, grid) before the model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import TilescopeError
-from ._common import EXIT_ERROR, ProgressBar, describe, positive_int
+from ..errors import NoTilesError, StoreNotice, TilescopeError
+from ._common import EXIT_ERROR, OVERWRITE_FLAG, ProgressBar, describe, positive_int
+
+
+def _error(text: str) -> None:
+    print(f"tilescope: error: {text}", file=sys.stderr)
+
+
+def plan(args: argparse.Namespace, grid: Any) -> tuple[list[tuple[str, Path]], int]:
+    """Check every slide and choose its store, before any model is loaded.
+
+    Returns ``[(slide, store path)]`` of the slides to embed and the exit status so far.
+    """
+    from ..catalog import (
+        default_store_dir,
+        file_identity,
+        read_signature,
+        same_slide,
+        store_path_for,
+    )
+    from ..slide import Slide
+
+    out = Path(args.out) if args.out else None
+    single = out is not None and out.suffix.lower() == ".zarr" and not _folder_of_stores(out)
+    if single and len(args.slides) > 1:
+        raise TilescopeError(
+            f"-o {out}: names one store, but {len(args.slides)} slides were given; pass a "
+            "folder (-o DIR) to get one store per slide"
+        )
+    if out is None:
+        out = default_store_dir()
+        print(f"stores go to {out} (the default folder; -o DIR or $TILESCOPE_STORES to change)")
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    todo: list[tuple[str, Path]] = []
+    seen: dict[tuple[int, str], str] = {}
+    for slide in args.slides:
+        try:
+            with Slide(slide, mpp=args.slide_mpp) as s:
+                _ = s.mpp  # a slide without a pixel size fails here, not after the model loads
+                grid.geometry(s)
+            ident = file_identity(slide)
+        except (TilescopeError, OSError) as exc:  # say so, and go on with the other slides
+            _error(describe(exc))
+            status = EXIT_ERROR
+            continue
+        key = (ident["size_bytes"], ident["header_sha256"])
+        if key in seen:
+            print(f"{slide}: the same file as {seen[key]}; embedded once")
+            continue
+        seen[key] = slide
+        if single:
+            target = out
+            sig = read_signature(target)
+            if sig is not None and not same_slide(sig.get("slide", {}), ident):
+                _error(
+                    f"{target}: holds the store of another slide "
+                    f"({sig.get('slide', {}).get('name', '?')}); refusing to replace it, even "
+                    "with --overwrite; choose another -o"
+                )
+                status = EXIT_ERROR
+                continue
+        else:
+            target = store_path_for(slide, out, identity=ident, taken=[t for _, t in todo])
+        todo.append((slide, target))
+    return todo, status
+
+
+def _folder_of_stores(p: Path) -> bool:
+    """An existing folder (named like a store) that is not one but holds stores."""
+    return p.is_dir() and not (p / "zarr.json").exists() and any(p.glob("*.zarr"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..embed import embed_slide, store_path_for
+    from ..embed import embed_slide
     from ..grid import TileGrid
     from ..models import load_encoder
 
     grid = TileGrid(
         target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap, min_tissue=args.min_tissue
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    todo, status = plan(args, grid)
+    if not todo:
+        return status or EXIT_ERROR
     encoder = load_encoder(args.model, device=args.device)
     if not encoder.trained:
         print(f"NOTE: {encoder.label}: embeddings are for testing the pipeline only.")
     batch = args.batch_size or (64 if encoder.device.type == "cuda" else 16)
-    status = 0
-    for slide in args.slides:
+    for slide, target in todo:
         # embed_slide decides: it resumes a store made with these settings (a finished one is
-        # a fast no-op) and refuses one made with other settings or another model
-        target = store_path_for(slide, out)
+        # a fast no-op), repairs a damaged one, and refuses one made with other settings
         bar = ProgressBar(Path(slide).name)
         try:
-            result = embed_slide(
-                slide,
-                target,
-                encoder=encoder,
-                grid=grid,
-                slide_mpp=args.slide_mpp,
-                batch_size=batch,
-                num_workers=args.workers,
-                overwrite=args.overwrite,
-                retry_failed=args.retry_failed,
-                progress=bar.update,
-            )
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always", StoreNotice)
+                result = embed_slide(
+                    slide,
+                    target,
+                    encoder=encoder,
+                    grid=grid,
+                    slide_mpp=args.slide_mpp,
+                    batch_size=batch,
+                    num_workers=args.workers,
+                    overwrite=args.overwrite,
+                    retry_failed=args.retry_failed,
+                    progress=bar.update,
+                )
         except (TilescopeError, OSError) as exc:  # say so, and go on with the other slides
             bar.close()
-            print(f"tilescope: error: {describe(exc)}", file=sys.stderr)
+            text = describe(exc, overwrite=OVERWRITE_FLAG)
+            if isinstance(exc, NoTilesError):
+                text += " (--min-tissue; or check --mpp and --tile)"
+            _error(text)
             status = EXIT_ERROR
             continue
         bar.close()
+        for note in notes:
+            if issubclass(note.category, StoreNotice):
+                print(f"  note: {note.message}")
+            else:
+                warnings.showwarning(note.message, note.category, note.filename, note.lineno)
         if result.embedded_now == 0 and result.complete and not result.failed:
             msg = f"{slide}: already embedded in {target}; nothing to do"
         else:
@@ -70,7 +157,13 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("embed", help="tile and embed slides into zarr stores (resumable)")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to embed")
-    p.add_argument("-o", "--out", required=True, help="folder for the stores (one per slide)")
+    p.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="OUT.zarr: the store of one slide; or a folder for one store per slide "
+        "(default: $TILESCOPE_STORES or ~/tilescope/stores, where napari looks too)",
+    )
     p.add_argument(
         "--model",
         default="biomedclip",
@@ -99,11 +192,13 @@ def register(sub: Any) -> None:
         default=None,
         help="tiles per batch (default: 64 on CUDA, else 16)",
     )
-    p.add_argument("--workers", type=int, default=2, help="tile reader threads (2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="tile reader threads (2)")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace stores made with other settings instead of refusing",
+        help="replace a store of the same slide made with other settings (the new store is "
+        "built beside it and replaces it when finished; another slide's store is never "
+        "replaced)",
     )
     p.add_argument(
         "--retry-failed",

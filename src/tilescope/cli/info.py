@@ -16,8 +16,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info.as_dict(), indent=2))
         return 0
     w, h = info.dimensions
-    if info.mpp_x is None:
-        mpp = "unknown (not recorded; pass --slide-mpp to set it)"
+    if info.mpp_x is None:  # the same words as `embed`'s error: missing, or implausible
+        why = "not recorded" if info.mpp_source == "missing" else info.mpp_source
+        mpp = f"unknown ({why}; pass --slide-mpp to set it)"
     else:
         mpp = f"{info.mpp_x:.4g} x {info.mpp_y:.4g} µm/px ({info.mpp_source})"
     mag = f"{info.objective_power:g}x" if info.objective_power else "unknown"

@@ -4,18 +4,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 from typing import Any
 
-from ._common import add_png_args, label_line, positive_int, require_slide_for_png
+from ..errors import TilescopeError
+from ._common import (
+    add_png_args,
+    label_line,
+    positive_int,
+    require_slide_for_png,
+    require_store_slide,
+    state_text,
+)
+
+
+def check_classes(items: list[str]) -> None:
+    """Refuse a ``--class`` that reads two ways ("a:b=x") or has no name or prompt."""
+    for item in items:
+        m = re.search(r"[:=]", item)
+        if m is None:
+            if not item.strip():
+                raise TilescopeError('--class "": give a class and its prompts, NAME=PROMPT')
+            continue  # a class named by its only prompt
+        name, rest = item[: m.start()].strip(), item[m.end() :]
+        if re.search(r"[:=]", rest):
+            raise TilescopeError(
+                f"--class {item!r}: reads two ways; write one '=' between the class name and "
+                "its prompts, NAME=PROMPT|PROMPT (names and prompts cannot contain ':' or '=')"
+            )
+        if not name or not rest.strip(" |;"):
+            raise TilescopeError(f"--class {item!r}: write NAME=PROMPT|PROMPT")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._store_scores import check_score_name
     from ..models import load_encoder_for_store
     from ..score import PromptSet, TileGeometry, heatmap, save_scores, score_store
     from ..store import EmbeddingStore
 
+    # everything a user typed is checked before the model loads and before any work
     require_slide_for_png(args)
+    check_classes(args.classes)
+    if args.save is not None:
+        try:
+            check_score_name(Path(args.store), args.save)
+        except TilescopeError:
+            raise TilescopeError(
+                f"--save {args.save!r}: a name for the scores must be non-empty and use only "
+                "A-Z a-z 0-9 _ . - (not starting with . or -)"
+            ) from None
     store = EmbeddingStore.open(args.store)
+    require_store_slide(args, store)
     prompts = PromptSet.parse(args.classes, templates=args.template or ("{}",))
     encoder = load_encoder_for_store(store.signature["model"], name=args.model, device=args.device)
     # without --temperature, the library's default (its units are the library's business)
@@ -29,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         **options,
     )
-    if args.save:
+    if args.save is not None:
         save_scores(store, args.save, scores, prompts, {"pooling": args.pooling})
     if args.json:
         print(
@@ -42,16 +82,29 @@ def run(args: argparse.Namespace) -> int:
                     "model": encoder.model_id,
                     "trained_model": encoder.trained,
                     "n_tiles": store.n_tiles,
+                    "n_done": store.n_done,
+                    "n_failed": store.n_failed,
+                    "n_not_embedded": store.n_todo,
+                    "complete": store.complete,
+                    "saved_as": args.save,
                 },
                 indent=2,
+                allow_nan=False,  # never invalid JSON: damaged stores are refused on reading
             )
         )
     else:
         if not encoder.trained:
             print(f"NOTE: {encoder.label}: these scores mean nothing.")
-        print(f"slide label: {pooled.label}  ({pooled.method} pooling over {store.n_tiles} tiles)")
+        if store.n_todo:
+            print(
+                f"NOTE: the store is partial ({store.state_text()}); the label pools the "
+                "embedded tiles only: run `tilescope embed` again to finish it"
+            )
+        print(f"slide label: {pooled.label}  ({pooled.method} pooling over {state_text(store)})")
         for name, value in sorted(pooled.scores.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<24} {value:.4f}")
+        if args.save is not None:
+            print(f"saved the scores as {args.save!r} in {store.path}")
     if args.png:
         from ..figures import heatmap_figure
 
@@ -111,7 +164,12 @@ def register(sub: Any) -> None:
         "be those that made the store); default: the model recorded in the store",
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
-    p.add_argument("--save", metavar="NAME", help="save the scores into the store")
+    p.add_argument(
+        "--save",
+        metavar="NAME",
+        help="save the scores into the store under NAME (A-Z a-z 0-9 _ . -), replacing a "
+        "set of that name",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_png_args(p, "the winning class's heatmap")
     p.set_defaults(func=run)

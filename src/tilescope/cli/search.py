@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._common import add_png_args, parse_box, positive_int, require_slide_for_png, xywh
+from ..search import NEG_WEIGHT
+from ._common import (
+    add_png_args,
+    parse_box,
+    positive_int,
+    require_slide_for_png,
+    require_store_slide,
+    xywh,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,23 +24,50 @@ def run(args: argparse.Namespace) -> int:
 
     require_slide_for_png(args)
     positive = [parse_box(b) for b in args.region]
-    negative = [parse_box(b) for b in args.unlike]
+    negative = [parse_box(b, "--unlike") for b in args.unlike]
     store = EmbeddingStore.open(args.store)
+    require_store_slide(args, store)
     regions = " and ".join(args.region)
     empty = (
         f"the region {regions} covers no embedded tissue tiles"
         if len(args.region) == 1
         else f"the regions {regions} cover no embedded tissue tiles"
-    ) + " (a tile counts when its centre is inside; coordinates are level-0 pixels)"
-    query, pos, neg = query_from_regions(store, positive, negative, empty_message=empty)
+    ) + " (coordinates are level-0 pixels)"
+    query, pos, neg = query_from_regions(
+        store, positive, negative, args.unlike_weight, empty_message=empty
+    )
     targets = args.against or [store.path]
     exclude = {store.path: pos}  # the query tiles themselves are not matches
     matches = search_stores(
         query, targets, model=store.signature["model"], k=args.k, exclude=exclude
     )
     if args.json:
-        print(json.dumps([m.__dict__ for m in matches], indent=2))
+        print(
+            json.dumps(
+                {
+                    "store": str(store.path),
+                    "n_tiles": store.n_tiles,
+                    "n_done": store.n_done,
+                    "n_failed": store.n_failed,
+                    "n_not_embedded": store.n_todo,
+                    "complete": store.complete,
+                    "query": {
+                        "like": len(pos),
+                        "unlike": len(neg),
+                        "unlike_weight": args.unlike_weight,
+                    },  # fmt: skip
+                    "matches": [m.__dict__ for m in matches],
+                },
+                indent=2,
+                allow_nan=False,
+            )
+        )
     else:
+        if store.n_todo:
+            print(f"NOTE: the store is partial ({store.state_text()}): only embedded tiles "
+                  "are queried and matched")  # fmt: skip
+        if args.unlike and not len(neg):
+            print(f"NOTE: --unlike {' and '.join(args.unlike)} covers no embedded tiles")
         print(f"query: {len(pos)} tiles like, {len(neg)} unlike; top {len(matches)} matches")
         for rank, m in enumerate(matches, 1):
             print(
@@ -73,7 +108,8 @@ def register(sub: Any) -> None:
         action="append",
         required=True,
         metavar="X,Y,W,H",
-        help="query rectangle in level-0 pixels (tiles whose centre is inside); repeatable",
+        help="query rectangle in level-0 pixels: the tiles whose centre is inside (or, for "
+        "a region smaller than a tile, the tile it overlaps most); repeatable",
     )
     p.add_argument(
         "--unlike",
@@ -81,6 +117,13 @@ def register(sub: Any) -> None:
         default=[],
         metavar="X,Y,W,H",
         help="rectangle of tissue the matches should not look like; repeatable",
+    )
+    p.add_argument(
+        "--unlike-weight",
+        type=float,
+        default=NEG_WEIGHT,
+        help=f"how strongly --unlike pushes the query away ({NEG_WEIGHT}: Rocchio's usual "
+        "weight; 1 lets near-duplicate tissue cancel the query)",
     )
     p.add_argument(
         "--against",
