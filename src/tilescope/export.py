@@ -21,9 +21,14 @@ is left out, never written as null). Scores of an untrained model are measuremen
 object UUID). Nothing from associated images (label, macro) is ever exported; the store holds
 none.
 
-The output's suffix says its format (``.zarr``; ``.geojson`` or ``.json``); other suffixes are
-refused. Its parent folder is created. Outputs are written under a temporary name and renamed
-into place when complete; an embedding store is never replaced, even with ``overwrite``.
+QuPath objects (``objects="detections"`` or ``"annotations"``) and MIL-ready ``.h5`` files
+are written by `tilescope.qupath` and `tilescope.mil` (see there) through the same checks and
+atomic rename.
+
+The output's suffix says its format (``.zarr``; ``.geojson`` or ``.json``; ``.h5``); other
+suffixes are refused. Its parent folder is created. Outputs are written under a temporary
+name and renamed into place when complete; an embedding store is never replaced, even with
+``overwrite``.
 """
 
 from __future__ import annotations
@@ -49,12 +54,13 @@ __all__ = ["export_store"]
 
 EXPORT_FORMAT = "tilescope-export"
 #: Output suffix -> format, and the suffix a format's output gets.
-FORMATS: dict[str, Literal["zarr", "geojson"]] = {
+FORMATS: dict[str, Literal["zarr", "geojson", "h5"]] = {
     ".zarr": "zarr",
     ".geojson": "geojson",
     ".json": "geojson",
+    ".h5": "h5",  # MIL-ready features (tilescope.mil)
 }
-SUFFIXES = {"zarr": ".zarr", "geojson": ".geojson"}
+SUFFIXES = {"zarr": ".zarr", "geojson": ".geojson", "h5": ".h5"}
 #: Appended to the measurement names of scores made with an untrained model.
 UNTRAINED_TAG = " [UNTRAINED]"
 
@@ -64,9 +70,12 @@ def export_store(
     out: str | PathLike[str],
     *,
     dtype: Literal["float16", "float32"] = "float16",
-    fmt: Literal["zarr", "geojson"] | None = None,
+    fmt: Literal["zarr", "geojson", "h5"] | None = None,
     scores: Sequence[str] | None = None,
     overwrite: bool = False,
+    objects: Literal["tiles", "detections", "annotations"] = "tiles",
+    threshold: float = 0.5,
+    mil_format: Literal["trident", "clam", "stamp"] = "trident",
 ) -> Path:
     """Export a complete store to `out` and return its path.
 
@@ -86,6 +95,15 @@ def export_store(
     overwrite
         Replace an existing export at `out` (a zarr group, or a file for GeoJSON). An
         embedding store, or a folder that is not a zarr group, is never replaced.
+    objects
+        GeoJSON only: "tiles" (one tile object per tile), "detections" (QuPath detections
+        per embedded tile, classified by the score set when there is exactly one) or
+        "annotations" (class regions of one score set at `threshold`); see `tilescope.qupath`.
+    threshold
+        Annotations: the value a tile needs to belong to a class's region.
+    mil_format
+        ``.h5`` only: "trident" (default, also read by CLAM's MIL loaders), "clam" or
+        "stamp"; see `tilescope.mil`.
 
     Raises
     ------
@@ -98,11 +116,15 @@ def export_store(
     if by_suffix is None:
         raise StoreError(
             f"{dest}: unknown export type {dest.suffix or '(no suffix)'!r}; name the output "
-            "OUT.zarr (embeddings for other tools) or OUT.geojson (tiles for QuPath)"
+            "OUT.zarr (embeddings for other tools), OUT.geojson (QuPath) or OUT.h5 (MIL "
+            "features)"
         )
     fmt = fmt or by_suffix
     if fmt != by_suffix:
         raise StoreError(f"{dest}: a {fmt} export needs the suffix {SUFFIXES[fmt]}")
+    if objects != "tiles" and fmt != "geojson":
+        raise StoreError(f"{dest}: QuPath {objects} are written as GeoJSON; name the output "
+                         "OUT.geojson")  # fmt: skip
     if dtype not in ("float16", "float32"):
         raise StoreError(f"{dest}: dtype must be float16 or float32, not {dtype!r}")
     store = EmbeddingStore.open(store_path)
@@ -123,7 +145,7 @@ def export_store(
         raise StoreError(
             f"{dest}: already exists; choose another path, or pass --overwrite to replace it"
         )
-    if exists and dest.is_dir() and (fmt == "geojson" or not _replaceable_folder(dest)):
+    if exists and dest.is_dir() and (fmt != "zarr" or not _replaceable_folder(dest)):
         raise StoreError(f"{dest}: is a folder that is not a zarr export; refusing to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     names = store.score_names() if scores is None else list(scores)
@@ -132,6 +154,14 @@ def export_store(
     try:
         if fmt == "zarr":
             _write_zarr(store, tmp, np.dtype(dtype), score_sets)
+        elif fmt == "h5":
+            from .mil import write_h5
+
+            write_h5(store, tmp, mil_format)
+        elif objects != "tiles":
+            from .qupath import write_objects
+
+            write_objects(store, tmp, score_sets, objects=objects, threshold=threshold)
         else:
             _write_geojson(store, tmp, score_sets)
         old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.old")

@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
         target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap, min_tissue=args.min_tissue
     )
     out = Path(args.out)
+    roi = _roi(args)  # read and checked before the model loads
     out.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model, device=args.device)
     if not encoder.trained:
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 retry_failed=args.retry_failed,
                 progress=bar.update,
+                **roi,
             )
         except (TilescopeError, OSError) as exc:  # say so, and go on with the other slides
             bar.close()
@@ -65,6 +67,23 @@ def run(args: argparse.Namespace) -> int:
             )
         print(msg)
     return status
+
+
+def _roi(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"regions": polygons}`` from `--roi` (QuPath annotations, level-0 px), or ``{}``."""
+    if not args.roi:
+        return {}
+    import inspect
+
+    from ..embed import embed_slide
+    from ..qupath import annotation_regions
+
+    if len(args.slides) != 1:
+        raise TilescopeError("--roi holds one slide's regions: embed that slide alone")
+    regions = annotation_regions(args.roi)
+    if "regions" not in inspect.signature(embed_slide).parameters:
+        raise TilescopeError("this Tilescope cannot restrict embedding to regions (--roi) yet")
+    return {"regions": regions}
 
 
 def register(sub: Any) -> None:
@@ -104,6 +123,12 @@ def register(sub: Any) -> None:
         "--overwrite",
         action="store_true",
         help="replace stores made with other settings instead of refusing",
+    )
+    p.add_argument(
+        "--roi",
+        metavar="GEOJSON",
+        help="embed only the tiles that overlap these QuPath annotations (one slide; level-0 "
+        "pixels); the store stays partial until a whole-slide run completes it",
     )
     p.add_argument(
         "--retry-failed",
