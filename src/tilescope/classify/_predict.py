@@ -33,13 +33,16 @@ def predict(store: Any, clf: Classifier, *, where: str = "the classifier") -> Pr
     clf.check_store(store, where=where)
     done = np.asarray(store.done, dtype=bool)
     n, k = store.n_tiles, len(clf.classes)
+    emb = np.asarray(store.embeddings)
+    p = clf.predict_proba(emb if done.all() else emb[done])  # no copy of a complete store
     probs = np.full((n, k), np.nan, dtype=np.float32)
-    probs[done] = clf.predict_proba(np.asarray(store.embeddings)[done])
+    probs[done] = p
     label = np.full(n, -1, dtype=np.int16)
-    label[done] = np.argmax(probs[done], axis=1)
+    label[done] = np.argmax(p, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -np.nansum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1)
-    unc = np.where(done, ent / math.log(k), np.nan).astype(np.float32)
+        ent = -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    unc = np.full(n, np.nan, dtype=np.float32)
+    unc[done] = ent / math.log(k)
     lay = store.signature["layout"]
     cell_mm2 = (float(lay["stride_l0"]) * store.level0_mpp / 1000.0) ** 2
     area = {c: float((label == j).sum() * cell_mm2) for j, c in enumerate(clf.classes)}
