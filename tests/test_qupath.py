@@ -355,3 +355,23 @@ def test_detections_without_a_score_set_are_unclassified(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_geojson(out)  # nothing to repair
+
+
+def test_a_similarity_map_and_search_matches_become_annotations(tmp_path) -> None:
+    """A one-column score set without classes (as a saved similarity map would be) exports as
+    regions named after it; top matches export as one classified square each."""
+    from tilescope.qupath import match_features
+    from tilescope.search import Match
+
+    st = scored_store(tmp_path)
+    sim = st.read_scores("tc")[0]["probs"][:, 0]
+    st.write_scores("like_q", {"similarity": sim}, {"query": "drawn"})
+    feats = score_annotations(st, "like_q", threshold=0.8)
+    assert {f["properties"]["classification"]["name"] for f in feats} == {"like_q"}
+    assert feats[0]["properties"]["name"].startswith("like_q (similarity >= 0.8)")
+    matches = [Match(str(st.path), st.slide_name, 5, 100, 50, 0.9, st.tile_l0),
+               Match("other.zarr", "other.svs", 1, 0, 0, 0.8, st.tile_l0)]  # fmt: skip
+    out = write_features(tmp_path / "m.geojson", match_features(matches, slide_name="slide.svs"))
+    (obj,) = read_geojson(out)
+    assert obj.classification == "Search match" and obj.measurements["Rank"] == 1
+    assert obj.geometry.bounds == (100, 50, 100 + st.tile_l0, 50 + st.tile_l0)

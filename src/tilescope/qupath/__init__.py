@@ -30,6 +30,7 @@ from ._read import AnnotationError, QuPathObject, area_geometry, read_geojson
 from ._regions import annotation_regions, regions_by_class, tiles_in_regions
 from ._store import (
     geojson_query_rows,
+    match_features,
     score_annotations,
     score_columns,
     tile_features,
@@ -55,6 +56,7 @@ __all__ = [
     "class_color",
     "geojson_query_rows",
     "geometry_json",
+    "match_features",
     "read_geojson",
     "regions_by_class",
     "score_annotations",

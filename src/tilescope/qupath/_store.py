@@ -274,3 +274,37 @@ def geojson_query_rows(
             "its centre is inside; coordinates are level-0 pixels of the slide)"
         )
     return pos, neg
+
+
+def match_features(
+    matches: Sequence[Any],
+    *,
+    classification: str = "Search match",
+    color: Sequence[int] = (0, 200, 200),
+    slide_name: str | None = None,
+    trained: bool = True,
+) -> list[dict[str, Any]]:
+    """Search matches (`tilescope.search.Match`) as QuPath annotations, one square per tile.
+
+    Each is classified as `classification`, named "match <rank>", with measurements ``Rank``
+    and ``Similarity``. Only matches of `slide_name` (their ``slide_name``) when given, since
+    coordinates belong to one slide. For a similarity map saved as a score set, `export
+    --scores NAME --as annotations --threshold T` gives the regions instead.
+    """
+    tag = "" if trained else UNTRAINED_TAG
+    out = []
+    for rank, m in enumerate(matches, 1):
+        if slide_name is not None and m.slide_name != slide_name:
+            continue
+        x, y, t = float(m.x), float(m.y), float(m.tile_l0)
+        out.append(
+            annotation_feature(
+                shapely.box(x, y, x + t, y + t),
+                classification=classification,
+                color=color,
+                name=f"match {rank}{tag}",
+                measurements={"Rank": float(rank), "Similarity": float(m.similarity)},
+                metadata={"tilescope slide": m.slide_name, "tilescope store": Path(m.store).name},
+            )
+        )
+    return out
