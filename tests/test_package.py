@@ -18,7 +18,8 @@ def test_manifest_valid_and_commands_resolve():
     pm = PluginManifest.from_distribution("tilescope")
     pm.validate_imports()  # every python_name imports
     assert pm.name == "tilescope"
-    assert {r.command for r in pm.contributions.readers} == {"tilescope.get_reader"}
+    readers = {r.command for r in pm.contributions.readers}
+    assert readers == {"tilescope.get_reader", "tilescope.get_geojson_reader"}
 
 
 def test_wheel_carries_the_top_level_manifest(tmp_path):

@@ -37,6 +37,15 @@ folder is created. Outputs are written under a temporary name and put in place w
 (`tilescope._fsops.publish`: an existing export stays until the new one replaces it
 atomically); an embedding store is never replaced, even with ``overwrite``. Temporaries of
 killed exports are removed by the next export to the same path.
+
+QuPath objects (``objects="detections"`` or ``"annotations"``) and MIL-ready ``.h5`` files
+are written by `tilescope.qupath` and `tilescope.mil` (see there) through the same checks and
+atomic rename.
+
+The output's suffix says its format (``.zarr``; ``.geojson`` or ``.json``; ``.h5``); other
+suffixes are refused. Its parent folder is created. Outputs are written under a temporary
+name and renamed into place when complete; an embedding store is never replaced, even with
+``overwrite``.
 """
 
 from __future__ import annotations
@@ -62,12 +71,13 @@ __all__ = ["export_store"]
 
 EXPORT_FORMAT = "tilescope-export"
 #: Output suffix -> format, and the suffix a format's output gets.
-FORMATS: dict[str, Literal["zarr", "geojson"]] = {
+FORMATS: dict[str, Literal["zarr", "geojson", "h5"]] = {
     ".zarr": "zarr",
     ".geojson": "geojson",
     ".json": "geojson",
+    ".h5": "h5",  # MIL-ready features (tilescope.mil)
 }
-SUFFIXES = {"zarr": ".zarr", "geojson": ".geojson"}
+SUFFIXES = {"zarr": ".zarr", "geojson": ".geojson", "h5": ".h5"}
 #: Appended to the measurement names of scores made with an untrained model.
 UNTRAINED_TAG = " [UNTRAINED]"
 #: Temporaries of an export older than this (seconds) are leftovers of a killed run.
@@ -101,10 +111,13 @@ def export_store(
     out: str | PathLike[str],
     *,
     dtype: Literal["float16", "float32"] = "float16",
-    fmt: Literal["zarr", "geojson"] | None = None,
+    fmt: Literal["zarr", "geojson", "h5"] | None = None,
     scores: Sequence[str] | None = None,
     overwrite: bool = False,
     anonymize: bool = False,
+    objects: Literal["tiles", "detections", "annotations"] = "tiles",
+    threshold: float = 0.5,
+    mil_format: Literal["trident", "clam", "stamp"] = "trident",
 ) -> Path:
     """Export a store's embedded tiles to `out` and return its path.
 
@@ -126,6 +139,15 @@ def export_store(
         embedding store, or a folder that is not a zarr group, is never replaced.
     anonymize
         Replace the slide's file name in the provenance by a digest.
+    objects
+        GeoJSON only: "tiles" (one tile object per tile), "detections" (QuPath detections
+        per embedded tile, classified by the score set when there is exactly one) or
+        "annotations" (class regions of one score set at `threshold`); see `tilescope.qupath`.
+    threshold
+        Annotations: the value a tile needs to belong to a class's region.
+    mil_format
+        ``.h5`` only: "trident" (default, also read by CLAM's MIL loaders), "clam" or
+        "stamp"; see `tilescope.mil`.
 
     Raises
     ------
@@ -138,11 +160,15 @@ def export_store(
     if by_suffix is None:
         raise StoreError(
             f"{dest}: unknown export type {dest.suffix or '(no suffix)'!r}; name the output "
-            "OUT.zarr (embeddings for other tools) or OUT.geojson (tiles for QuPath)"
+            "OUT.zarr (embeddings for other tools), OUT.geojson (QuPath) or OUT.h5 (MIL "
+            "features)"
         )
     fmt = fmt or by_suffix
     if fmt != by_suffix:
         raise StoreError(f"{dest}: a {fmt} export needs the suffix {SUFFIXES[fmt]}")
+    if objects != "tiles" and fmt != "geojson":
+        raise StoreError(f"{dest}: QuPath {objects} are written as GeoJSON; name the output "
+                         "OUT.geojson")  # fmt: skip
     if dtype not in ("float16", "float32"):
         raise StoreError(f"{dest}: dtype must be float16 or float32, not {dtype!r}")
     store = EmbeddingStore.open(store_path)
@@ -159,8 +185,13 @@ def export_store(
         raise OutputExistsError(
             f"{dest}: already exists; choose another path, or {OVERWRITE_WORDS}"
         )
-    if exists and dest.is_dir() and (fmt == "geojson" or not _replaceable_folder(dest)):
+    if exists and dest.is_dir() and (fmt != "zarr" or not _replaceable_folder(dest)):
         raise StoreError(f"{dest}: is a folder that is not a zarr export; refusing to replace it")
+    if fmt == "h5" and not store.complete:  # a MIL bag stands for the whole slide
+        raise StoreError(
+            f"{store.path}: the store is incomplete ({store.state_text()}); a MIL feature file "
+            "must hold the whole slide: finish embedding (run the same command again) first"
+        )
     names = store.score_names() if scores is None else list(scores)
     selection = ExportRows(
         store=store,
@@ -179,7 +210,16 @@ def export_store(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fsops.temp_path(dest)
     try:
-        WRITERS[fmt](selection, tmp, dtype=np.dtype(dtype), anonymized=anonymize)
+        if fmt == "h5":
+            from .mil import write_h5
+
+            write_h5(store, tmp, mil_format, provenance=selection.provenance)
+        elif fmt == "geojson" and objects != "tiles":
+            from .qupath import write_objects
+
+            write_objects(store, tmp, selection.score_sets, objects=objects, threshold=threshold)
+        else:
+            WRITERS[fmt](selection, tmp, dtype=np.dtype(dtype), anonymized=anonymize)
         _fsops.publish(tmp, dest)  # an old export stays until the new one takes its place
     except OSError as exc:
         raise StoreError(

@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     grid = TileGrid(
         target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap, min_tissue=args.min_tissue
     )
+    roi = _roi(args)  # read and checked before the slides and the model
     todo, status = plan(args, grid)
     if not todo:
         return status or EXIT_ERROR
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite,
                     retry_failed=args.retry_failed,
                     progress=bar.update,
+                    **roi,
                 )
         except (TilescopeError, OSError) as exc:  # say so, and go on with the other slides
             bar.close()
@@ -152,6 +154,23 @@ def run(args: argparse.Namespace) -> int:
             )
         print(msg)
     return status
+
+
+def _roi(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"regions": polygons}`` from `--roi` (QuPath annotations, level-0 px), or ``{}``."""
+    if not args.roi:
+        return {}
+    import inspect
+
+    from ..embed import embed_slide
+    from ..qupath import annotation_regions
+
+    if len(args.slides) != 1:
+        raise TilescopeError("--roi holds one slide's regions: embed that slide alone")
+    regions = annotation_regions(args.roi)
+    if "regions" not in inspect.signature(embed_slide).parameters:
+        raise TilescopeError("this Tilescope cannot restrict embedding to regions (--roi) yet")
+    return {"regions": regions}
 
 
 def register(sub: Any) -> None:
@@ -199,6 +218,12 @@ def register(sub: Any) -> None:
         help="replace a store of the same slide made with other settings (the new store is "
         "built beside it and replaces it when finished; another slide's store is never "
         "replaced)",
+    )
+    p.add_argument(
+        "--roi",
+        metavar="GEOJSON",
+        help="embed only the tiles that overlap these QuPath annotations (one slide; level-0 "
+        "pixels); the store stays partial until a whole-slide run completes it",
     )
     p.add_argument(
         "--retry-failed",

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
-from ._common import OVERWRITE_FLAG, describe
+from ..errors import TilescopeError
+from ._common import EXIT_ERROR, OVERWRITE_FLAG, describe
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import TilescopeError
+    from ..catalog import read_signature
     from ..export import export_store
     from ..store import EmbeddingStore
 
+    src = Path(args.store)
+    if src.is_dir() and read_signature(src) is None:  # a folder of stores: one .h5 per slide
+        return _cohort(args, src)
     try:
         out = export_store(
             args.store, args.out, dtype=args.dtype, overwrite=args.overwrite,
-            anonymize=args.anonymize,
+            anonymize=args.anonymize, scores=args.scores, objects=args.objects,
+            threshold=args.threshold, mil_format=args.format,
         )  # fmt: skip
     except TilescopeError as exc:
         raise TilescopeError(describe(exc, overwrite=OVERWRITE_FLAG)) from exc
@@ -33,24 +40,87 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cohort(args: argparse.Namespace, folder: Path) -> int:
+    from ..mil import export_h5_cohort
+
+    if Path(args.out).suffix.lower() in (".zarr", ".geojson", ".json", ".h5"):
+        raise TilescopeError(
+            f"{folder} is a folder of stores: -o names a folder for one .h5 feature file per "
+            f"slide, not {args.out}; export stores one by one for zarr or GeoJSON"
+        )
+    if args.objects != "tiles" or args.scores:
+        raise TilescopeError("--as and --scores apply to one store; a folder exports .h5 files")
+    result = export_h5_cohort(folder, args.out, fmt=args.format, overwrite=args.overwrite)
+    for path in result.written:
+        print(f"wrote {path}")
+    for store, reason in result.skipped:
+        print(f"tilescope: error: {store}: skipped: {reason}", file=sys.stderr)
+    print(
+        f"{len(result.written)} feature files ({args.format} layout) in {args.out}"
+        + (f"; {len(result.skipped)} stores skipped" if result.skipped else "")
+    )
+    return EXIT_ERROR if result.skipped else 0
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("export", help="export embeddings, coordinates, scores, provenance")
     p.add_argument(
         "store",
-        help="a store made by `tilescope embed` (a partial one exports its embedded tiles)",
+        help="a store made by `tilescope embed` (a partial one exports its embedded tiles), "
+        "or a folder of stores (one .h5 per slide)",
     )
     p.add_argument(
         "-o",
         "--out",
         required=True,
-        help="OUT.zarr (embeddings, coordinates in px and µm, scores, provenance) or "
-        "OUT.geojson (tile polygons with scores, for QuPath)",
+        help="OUT.zarr (embeddings, coordinates in px and µm, scores, provenance), "
+        "OUT.geojson (QuPath objects, see --as) or OUT.h5 (MIL features, see --format); for a "
+        "folder of stores, a folder for one <slide>.h5 per slide",
     )
     p.add_argument(
         "--dtype",
         choices=["float16", "float32"],
         default="float16",
         help="embedding dtype of a zarr export (float16)",
+    )
+    p.add_argument(
+        "--as",
+        dest="objects",
+        choices=["tiles", "detections", "annotations"],
+        default="tiles",
+        help="GeoJSON: tiles (default: every tile with its scores), detections (embedded "
+        "tiles as QuPath detections, classified by the score set if there is one) or "
+        "annotations (class regions of --scores NAME at --threshold, in the classes' colours)",
+    )
+    p.add_argument(
+        "--scores",
+        action="append",
+        metavar="NAME",
+        help="saved score set to include (repeatable; default: all); annotations need one",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.5,
+        help="with --as annotations: a tile belongs to a class's region when its value "
+        "(probability) is at least this (0.5)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["trident", "clam", "stamp"],
+        default="trident",
+        help=".h5 layout: trident (default; features + coords in level-0 px, read by TRIDENT "
+        "and CLAM), clam (coords attributes of CLAM's patching) or stamp (feats, coords in µm)",
     )
     p.add_argument(
         "--overwrite",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import TilescopeError
 from ..search import NEG_WEIGHT
 from ._common import (
     add_png_args,
@@ -23,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from ..store import EmbeddingStore
 
     require_slide_for_png(args)
+    if not args.region and not args.region_geojson:
+        raise TilescopeError("give the query as --region X,Y,W,H or --region-geojson FILE")
+    args.region = args.region or []
     positive = [parse_box(b) for b in args.region]
     negative = [parse_box(b, "--unlike") for b in args.unlike]
     store = EmbeddingStore.open(args.store)
@@ -33,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
         if len(args.region) == 1
         else f"the regions {regions} cover no embedded tissue tiles"
     ) + " (coordinates are level-0 pixels)"
-    query, pos, neg = query_from_regions(
-        store, positive, negative, args.unlike_weight, empty_message=empty
-    )
+    if args.region_geojson:  # QuPath annotations, plus any --region / --unlike boxes
+        query, pos, neg = _geojson_query(args, store, positive, negative)
+    else:
+        query, pos, neg = query_from_regions(
+            store, positive, negative, args.unlike_weight, empty_message=empty
+        )
     targets = args.against or [store.path]
     exclude = {store.path: pos}  # the query tiles themselves are not matches
     matches = search_stores(
@@ -100,16 +107,55 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _geojson_query(args: argparse.Namespace, store: Any, positive: list, negative: list) -> Any:
+    """Query from QuPath annotations (`--region-geojson`), plus any --region / --unlike boxes."""
+    import numpy as np
+
+    from ..qupath import geojson_query_rows
+    from ..search import build_query, tiles_in_shapes
+
+    pos, neg = geojson_query_rows(
+        store, args.region_geojson, classes=args.region_class, unlike_classes=args.unlike_class
+    )
+    done = store.done
+    if positive:  # --region boxes add to the annotations
+        extra = tiles_in_shapes(store.coords, store.tile_l0, positive)
+        pos = np.union1d(pos, extra[done[extra]])
+    if negative:
+        extra = tiles_in_shapes(store.coords, store.tile_l0, negative)
+        neg = np.union1d(neg, extra[done[extra]])
+    return build_query(store.embeddings, pos, neg, args.unlike_weight), pos, neg
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("search", help="find tiles like a region, in this and other stores")
     p.add_argument("store", help="the store holding the query region")
     p.add_argument(
         "--region",
         action="append",
-        required=True,
         metavar="X,Y,W,H",
         help="query rectangle in level-0 pixels: the tiles whose centre is inside (or, for "
         "a region smaller than a tile, the tile it overlaps most); repeatable",
+    )
+    p.add_argument(
+        "--region-geojson",
+        metavar="FILE",
+        help="QuPath annotations (GeoJSON, level-0 pixels) as the query; holes are left out",
+    )
+    p.add_argument(
+        "--region-class",
+        action="append",
+        metavar="NAME",
+        help="with --region-geojson: only annotations of this QuPath class are the query "
+        "(repeatable; default: every annotation not named by --unlike-class)",
+    )
+    p.add_argument(
+        "--unlike-class",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --region-geojson: annotations of this class are tissue the matches should "
+        "not look like (repeatable)",
     )
     p.add_argument(
         "--unlike",
