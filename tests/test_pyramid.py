@@ -173,6 +173,26 @@ def test_prefetch_decodes_the_neighbours_in_the_background(monkeypatch, single_l
         assert len([c for c in reads.calls if c[0] is threading.current_thread()]) == 1
 
 
+def test_no_prefetch_far_below_a_stored_level(monkeypatch, single_level):
+    """A virtual chunk costs 4**depth stored chunks: the ring is decoded ahead only at most
+    `_PREFETCH_DEPTH` halvings below a stored level."""
+    import tilescope.pyramid as pyramid_module
+
+    with Slide(single_level[1]) as s:
+        with Pyramid(s, cache=ChunkCache()) as pyr:
+            _ = pyr.levels[1][600:700, 600:700]  # virtual chunk (1, 1): its ring is 8 chunks
+            deadline = time.monotonic() + 60
+            while pyr.stats.prefetch_reads < 32 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pyr.stats.prefetch_reads == 32  # 8 chunks x 2 x 2 level-0 chunks
+        monkeypatch.setattr(pyramid_module, "_PREFETCH_DEPTH", 0)
+        with Pyramid(s, cache=ChunkCache()) as pyr:
+            _ = pyr.levels[1][600:700, 600:700]
+            assert pyr._pf_thread is None and pyr.stats.reads == 4
+            _ = pyr.levels[0][600:700, 600:700]  # stored levels: always
+            assert pyr._pf_thread is not None
+
+
 def test_closing_the_slide_while_prefetching_is_safe(single_level):
     """The prefetch thread reads through its own handles: closing the slide cannot pull one
     from under it (OpenSlide would abort the process)."""
@@ -260,6 +280,7 @@ def huge(tmp_path_factory):
 
 
 @pytest.mark.napari
+@pytest.mark.slow
 def test_opening_a_100k_slide_reads_only_its_coarsest_level(make_napari_viewer, monkeypatch, huge):
     reads = Reads(monkeypatch, huge)
     viewer = make_napari_viewer(show=True)
@@ -305,25 +326,49 @@ def test_napari_draws_chunks_without_seams(make_napari_viewer):
 
 @pytest.mark.napari
 def test_napari_async_slicing_reads_off_the_gui_thread(make_napari_viewer, monkeypatch):
-    """With napari's asynchronous slicing on, every read happens outside the GUI thread."""
+    """With napari's asynchronous slicing on, napari asks for the view from its slicing
+    thread, so the GUI thread does not wait for those decodes. (Without it, it asks from the
+    GUI thread, which waits even when the decoding itself runs in worker threads.) napari
+    0.9.2 still materializes the thumbnail level (our coarsest) on the GUI thread, once, when
+    it makes the first slice request (`_make_slice_request` -> `_level_materializer`)."""
     from napari.settings import get_settings
     from qtpy.QtWidgets import QApplication
 
     settings = get_settings()
-    monkeypatch.setattr(settings, "_save_on_change", False)  # never the user's settings file
     reads = Reads(monkeypatch, need(CMU))
+    askers = []
+    getitem = LazyLevel.__getitem__
+
+    def asked(lv, key):
+        askers.append((threading.current_thread(), lv.index, lv.pyramid.levels[-1] is lv))
+        return getitem(lv, key)
+
+    monkeypatch.setattr(LazyLevel, "__getitem__", asked)
     viewer = make_napari_viewer(show=True)
-    monkeypatch.setattr(settings.experimental, "async_", True)
-    viewer.window._qt_window.resize(1600, 1000)
-    layer = viewer.open(str(need(CMU)), plugin="tilescope")[0]
-    viewer.scene.camera.zoom = 2.0
-    deadline = time.monotonic() + 60
-    while (not layer.loaded or not reads.calls) and time.monotonic() < deadline:
-        QApplication.processEvents()
-        time.sleep(0.01)
-    assert layer.loaded and reads.calls
+    viewer.open(str(need(CMU)), plugin="tilescope")
     main = threading.main_thread()
-    assert all(t is not main for t, *_ in reads.calls)
-    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert askers and {t for t, *_ in askers} == {main}  # synchronous: the GUI thread asks
+    viewer.layers.clear()
+    askers.clear()
+    reads.calls.clear()
+    saving, settings._save_on_change = settings._save_on_change, False  # not the user's file
+    settings.experimental.async_ = True
+    try:
+        viewer.window._qt_window.resize(1600, 1000)
+        layer = viewer.open(str(need(CMU)), plugin="tilescope")[0]
+        viewer.scene.camera.zoom = 2.0
+        deadline = time.monotonic() + 60
+        while (not layer.loaded or not reads.calls) and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        assert layer.loaded and reads.calls
+        on_gui = [(i, coarsest) for t, i, coarsest in askers if t is main]
+        assert len(on_gui) == 1 and on_gui[0][1]  # the thumbnail level, once
+        view = [(t, i) for t, i, coarsest in askers if not coarsest]
+        assert view and all(t is not main for t, _ in view)  # the view: off the GUI thread
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+    finally:
+        settings.experimental.async_ = False
+        settings._save_on_change = saving
     r, g, b = (shot[..., i].astype(int) for i in range(3))
     assert ((r - g > 25) & (b - g > 5)).mean() > 0.05, "no tissue visible"

@@ -19,138 +19,37 @@ asynchronous slicing calls `LazyLevel.__getitem__` from its own thread.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
-import os
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._chunk_cache import DEFAULT_CACHE_BYTES, ChunkCache, decode_pool, shared_cache
+from ._pyramid_levels import (
+    DEFAULT_CHUNK,
+    MAX_LEVEL_GAP,
+    WHOLE_LEVEL_PX,
+    LevelSpec,
+    box_reduce2,
+    plan_levels,
+    tile_size,
+)
+
 if TYPE_CHECKING:
     from .slide import Slide
 
-#: Chunk side (px) when the file reports no tiles, and the target for multiples of small tiles.
-DEFAULT_CHUNK = 512
-#: Default byte budget of the shared chunk cache (``TILESCOPE_VIEW_CACHE_MB`` overrides it).
-DEFAULT_CACHE_BYTES = 512 * 2**20
-#: Stored levels more than this apart (in downsample) get virtual 2x levels in between.
-MAX_LEVEL_GAP = 4.0
-#: A stored level this small (px a side) is read in one call: OpenSlide reads a region whose
-#: origin is not a whole level pixel (levels whose downsample is not an integer, as in most
-#: SVS files) through a sub-pixel resampling that costs about 2.5x per pixel; the origin
-#: (0, 0) is always whole.
-WHOLE_LEVEL_PX = 2048
-_MAX_TILE = 2048  # larger "tiles" (strips, whole-level JPEGs) are read in DEFAULT_CHUNK chunks
+__all__ = [
+    "DEFAULT_CACHE_BYTES", "DEFAULT_CHUNK", "MAX_LEVEL_GAP", "WHOLE_LEVEL_PX", "ChunkCache",
+    "LazyLevel", "LevelSpec", "Pyramid", "ReadStats", "box_reduce2", "shared_cache", "tile_size",
+]  # fmt: skip
+
 _IDLE_SECONDS = 2.0  # the prefetch thread exits after this long without work
-
-
-class ChunkCache:
-    """A thread-safe LRU cache of arrays with a budget in bytes."""
-
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self._max = int(max_bytes)
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def max_bytes(self) -> int:
-        return self._max
-
-    @max_bytes.setter
-    def max_bytes(self, value: int) -> None:
-        with self._lock:
-            self._max = int(value)
-            self._evict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: Hashable) -> np.ndarray | None:
-        with self._lock:
-            arr = self._items.get(key)
-            if arr is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return arr
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
-
-    def put(self, key: Hashable, arr: np.ndarray) -> None:
-        if arr.nbytes > self._max:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.nbytes -= old.nbytes
-            self._items[key] = arr
-            self.nbytes += arr.nbytes
-            self._evict()
-
-    def drop(self, owner: Hashable) -> None:
-        """Forget every entry whose key is a tuple starting with `owner`."""
-        with self._lock:
-            for key in [k for k in self._items if isinstance(k, tuple) and k[0] == owner]:
-                self.nbytes -= self._items.pop(key).nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = 0
-
-    def _evict(self) -> None:
-        while self.nbytes > self._max and self._items:
-            _, arr = self._items.popitem(last=False)
-            self.nbytes -= arr.nbytes
-
-
-_shared: ChunkCache | None = None
-_shared_lock = threading.Lock()
-
-
-def shared_cache() -> ChunkCache:
-    """The process-wide chunk cache (budget: ``TILESCOPE_VIEW_CACHE_MB`` or 512 MiB)."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            mb = os.environ.get("TILESCOPE_VIEW_CACHE_MB")
-            _shared = ChunkCache(int(float(mb) * 2**20) if mb else DEFAULT_CACHE_BYTES)
-        return _shared
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _decode_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _shared_lock:
-        if _pool is None:
-            n = max(2, min(4, os.cpu_count() or 1))
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="tilescope-chunks")
-        return _pool
-
-
-@dataclass(frozen=True)
-class LevelSpec:
-    """One pyramid level: `shape` (h, w) px, `chunk` (h, w) px, level-0 px per px, and the
-    slide level it is read from (``None``: virtual, reduced from the level before it)."""
-
-    shape: tuple[int, int]
-    chunk: tuple[int, int]
-    downsample: float
-    stored: int | None
+_PREFETCH_DEPTH = 2  # virtual levels at most this many halvings below a stored level
 
 
 @dataclass
@@ -207,9 +106,12 @@ class Pyramid:
         # never closes a handle that thread is using (OpenSlide would crash).
         self._pf_slide: list[Slide] = []
         self._closed = False
-        self.specs = _plan_levels(slide, min_size, chunk)
+        self.specs = plan_levels(slide, min_size, chunk)
         self.levels = [LazyLevel(self, i) for i in range(len(self.specs))]
-        weakref.finalize(self, _release, self.cache, self._token, self._pf_slide)
+        # at exit, `_stop_all_prefetching` runs instead: closing a handle under a running
+        # prefetch read would abort the process
+        weakref.finalize(self, _release, self.cache, self._token, self._pf_slide).atexit = False
+        _live.add(self)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s.shape[1]}x{s.shape[0]}" for s in self.specs)
@@ -261,7 +163,7 @@ class Pyramid:
         if parallel:
             missing = [k for k in keys if (self._token, *k) not in self.cache]
             if len(missing) > 1:
-                got = dict(zip(missing, _decode_pool().map(lambda k: self.chunk(*k), missing),
+                got = dict(zip(missing, decode_pool().map(lambda k: self.chunk(*k), missing),
                                strict=True))  # fmt: skip
         for lv, r, c in keys:
             arr = got.get((lv, r, c))
@@ -336,6 +238,9 @@ class Pyramid:
     def _prefetch_ring(self, level: int, rows: range, cols: range) -> None:
         """Queue the chunks around rows x cols (nearest the centre first), replacing the queue:
         the latest view is the one that matters."""
+        depth = next(d for d in range(level + 1) if self.specs[level - d].stored is not None)
+        if depth > _PREFETCH_DEPTH:  # such a chunk needs more than 16 stored chunks: not ahead
+            return
         (h, w), (ch, cw) = self.specs[level].shape, self.specs[level].chunk
         nr, nc = math.ceil(h / ch), math.ceil(w / cw)
         ring = [
@@ -382,6 +287,15 @@ class Pyramid:
                     pass
         finally:
             self._pf_slide[0].close_thread_handle()
+
+
+_live: weakref.WeakSet[Pyramid] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_prefetching() -> None:
+    for pyramid in list(_live):
+        pyramid.close()
 
 
 def _release(cache: ChunkCache, token: int, pf_slide: list[Slide]) -> None:
@@ -451,61 +365,6 @@ class LazyLevel:
         if isinstance(xs, (int, np.integer)):
             return out[:, 0][:, cs]
         return out[:, :, cs]
-
-
-def box_reduce2(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Exact 2x box reduce of RGB uint8 `img` to `shape` (h, w): each output pixel is the mean
-    of its 2 x 2 input pixels, rounded half up; an odd last row or column is repeated (so edge
-    pixels average the pixels there are). Pillow's ``Image.reduce(2)`` computes exactly this,
-    in C."""
-    from PIL import Image
-
-    out = np.asarray(Image.fromarray(np.ascontiguousarray(img)).reduce(2))
-    if out.shape[:2] != tuple(shape):
-        raise ValueError(f"2x reduce of {img.shape[:2]} gives {out.shape[:2]}, not {shape}")
-    return out
-
-
-def tile_size(slide: Slide, level: int) -> tuple[int, int] | None:
-    """(h, w) of the file's tiles at `level`, as OpenSlide reports them, or ``None``."""
-    props = slide.properties
-    try:
-        tw = int(props[f"openslide.level[{level}].tile-width"])
-        th = int(props[f"openslide.level[{level}].tile-height"])
-    except (KeyError, ValueError):
-        return None
-    return (th, tw) if 0 < tw <= _MAX_TILE and 0 < th <= _MAX_TILE else None
-
-
-def _stored_chunk(slide: Slide, level: int, default: int) -> tuple[int, int]:
-    """A whole number of the level's tiles, about `default` px a side (or `default`); a level
-    of at most `WHOLE_LEVEL_PX` a side is one chunk."""
-    w, h = slide.level_dimensions[level]
-    if max(w, h) <= WHOLE_LEVEL_PX:
-        return h, w
-    tile = tile_size(slide, level)
-    if tile is None:
-        return default, default
-    return tuple(t * max(1, round(default / t)) for t in tile)  # type: ignore[return-value]
-
-
-def _plan_levels(slide: Slide, min_size: int, chunk: int) -> list[LevelSpec]:
-    """Stored levels, virtual 2x levels in gaps wider than `MAX_LEVEL_GAP`, then virtual 2x
-    levels until the longer side is at most `min_size`."""
-
-    def virtual(prev: LevelSpec) -> LevelSpec:
-        h, w = prev.shape
-        return LevelSpec(((h + 1) // 2, (w + 1) // 2), prev.chunk, prev.downsample * 2, None)
-
-    specs: list[LevelSpec] = []
-    for i, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples,
-                                         strict=True)):  # fmt: skip
-        while specs and ds > specs[-1].downsample * MAX_LEVEL_GAP * 1.01:
-            specs.append(virtual(specs[-1]))
-        specs.append(LevelSpec((h, w), _stored_chunk(slide, i, chunk), ds, i))
-    while max(specs[-1].shape) > max(1, min_size):
-        specs.append(virtual(specs[-1]))
-    return specs
 
 
 def _bounds(key: Any, n: int) -> tuple[int, int, int]:
