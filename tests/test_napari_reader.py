@@ -60,14 +60,24 @@ def test_reader_returns_none_for_non_slides(tmp_path, content):
 
 
 def test_opening_reads_no_pixels(monkeypatch):
-    """The reader builds lazy levels only; pixels are read when napari slices what it shows."""
+    """The reader builds lazy levels only; pixels are read when napari slices what it shows,
+    in chunks of whole tiles (CMU's tiles are 240 px: chunks of 2 x 2 tiles)."""
+    import threading
+
     from tilescope._napari._reader import read_slides
     from tilescope.slide import Slide
 
     calls = []
     real = Slide.read_region
-    monkeypatch.setattr(Slide, "read_region", lambda self, *a: calls.append(a) or real(self, *a))
+
+    def counted(self, *a):
+        if threading.current_thread() is threading.main_thread():  # not the prefetch thread
+            calls.append(a)
+        return real(self, *a)
+
+    monkeypatch.setattr(Slide, "read_region", counted)
     data, kwargs, kind = read_slides(str(need(CMU)))[0]
     assert kind == "image" and kwargs["multiscale"] and calls == []
-    tile = data[0][100:164, 200:264]  # napari asks for a region: only that is read
-    assert tile.shape == (64, 64, 3) and len(calls) == 1 and calls[0][2] == (64, 64)
+    tile = data[0][100:164, 200:264]  # napari asks for a region: only its chunk is read
+    assert tile.shape == (64, 64, 3) and calls == [((0, 0), 0, (480, 480))]
+    data[0].pyramid.close()

@@ -26,6 +26,7 @@ from .errors import (
     SlideNotFoundError,
     UnsupportedFormatError,
 )
+from .pyramid import LazyLevel, Pyramid
 
 #: File suffixes OpenSlide reads (the napari reader claims these).
 SLIDE_SUFFIXES = (
@@ -393,79 +394,9 @@ class Slide:
         return out
 
     def multiscale(self, min_size: int = 1024) -> list[LazyLevel]:
-        """Lazy array-likes for napari, finest first, down to about `min_size` px."""
-        levels: list[LazyLevel] = [LazyLevel(self, ds) for ds in self.level_downsamples]
-        while max(levels[-1].shape[:2]) > 2 * min_size:
-            levels.append(LazyLevel(self, levels[-1].downsample * 2))
-        return levels
-
-
-class LazyLevel:
-    """A numpy-like view of one resolution that reads only what is sliced.
-
-    ``downsample`` may be finer than any stored level's or coarser than the coarsest (virtual
-    levels): reads then come from the best stored level and are resized.
-    """
-
-    dtype = np.dtype(np.uint8)
-    ndim = 3
-
-    def __init__(self, slide: Slide, downsample: float) -> None:
-        self.slide = slide
-        self.downsample = float(downsample)
-        w, h = slide.dimensions
-        self.shape = (max(1, math.ceil(h / downsample)), max(1, math.ceil(w / downsample)), 3)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self[:, :, :]
-        return arr if dtype is None else arr.astype(dtype)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        ys, xs, cs = key[:3]
-        y0, y1, ystep = _bounds(ys, self.shape[0])
-        x0, x1, xstep = _bounds(xs, self.shape[1])
-        if y1 <= y0 or x1 <= x0:
-            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[::ystep, ::xstep][
-                ..., cs
-            ]
-        region = self._read(x0, y0, x1 - x0, y1 - y0)
-        out = region[::ystep, ::xstep]
-        if isinstance(ys, (int, np.integer)):
-            out = out[0]
-            if isinstance(xs, (int, np.integer)):
-                return out[0][cs]
-            return out[:, cs]
-        if isinstance(xs, (int, np.integer)):
-            return out[:, 0][:, cs]
-        return out[:, :, cs]
-
-    def _read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self.downsample
-        return self.slide.read_scaled((round(x * ds), round(y * ds)), (w, h), ds)
-
-
-def _bounds(key: Any, n: int) -> tuple[int, int, int]:
-    if isinstance(key, (int, np.integer)):
-        i = int(key) + (n if key < 0 else 0)
-        if not 0 <= i < n:
-            raise IndexError(f"index {key} out of range for axis of size {n}")
-        return i, i + 1, 1
-    if isinstance(key, slice):
-        start, stop, step = key.indices(n)
-        if step < 1:
-            raise IndexError("LazyLevel supports only positive slice steps")
-        return start, stop, step
-    raise TypeError(f"LazyLevel supports integer and slice indexing, not {type(key).__name__}")
+        """Lazy array-likes for napari, finest first, down to at most `min_size` px: chunked,
+        cached and tile-aligned (see `tilescope.pyramid`)."""
+        return Pyramid(self, min_size=min_size).levels
 
 
 def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

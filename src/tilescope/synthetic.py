@@ -98,19 +98,47 @@ class SyntheticSlide:
             shapes.append((max(1, self.height // ds), max(1, self.width // ds)))
         return shapes
 
-    def _tiles(self, level: int) -> Iterator[np.ndarray]:
+    def _tiles(self, level: int, sparse: bool = False) -> Iterator[np.ndarray | None]:
         ds = self.level_factor**level
         h, w = self.level_shapes()[level]
         for ty in range(0, h, TILE):
             for tx in range(0, w, TILE):
+                # (tifffile needs the first tile to see the dtype: it is always written)
+                if sparse and (tx or ty) and not self.may_hold_tissue(tx * ds, ty * ds, TILE * ds):
+                    yield None  # left out of the file: OpenSlide reads it as transparent
+                    continue
                 tile = self.region(tx * ds, ty * ds, TILE, TILE, self.mpp * ds)
                 # beyond the image edge tifffile still wants full tiles; keep them white
                 tile[max(0, h - ty) :, :] = self.background
                 tile[:, max(0, w - tx) :] = self.background
                 yield tile
 
-    def write(self, path: str | PathLike[str], *, kind: str = "tiff", quality: int = 90) -> Path:
-        """Write a tiled, JPEG-compressed pyramid. `kind` is "tiff" (generic) or "svs" (Aperio)."""
+    def may_hold_tissue(self, x0: float, y0: float, size: float) -> bool:
+        """Whether the level-0 square at (x0, y0) of side `size` meets a blob's bounding box."""
+        x0, y0, size = x0 * self.mpp, y0 * self.mpp, size * self.mpp
+        return any(
+            x0 < b.cx + b.rx
+            and b.cx - b.rx < x0 + size
+            and y0 < b.cy + b.ry
+            and b.cy - b.ry < y0 + size
+            for b in self.blobs
+        )
+
+    def write(
+        self,
+        path: str | PathLike[str],
+        *,
+        kind: str = "tiff",
+        quality: int = 90,
+        sparse: bool = False,
+    ) -> Path:
+        """Write a tiled, JPEG-compressed pyramid. `kind` is "tiff" (generic) or "svs" (Aperio).
+
+        `sparse` leaves tiles that meet no blob out of the file (as some scanners do with
+        empty glass): a 100,000 px slide with little tissue is written in seconds and is a few
+        MB. OpenSlide reads missing tiles as transparent, which `Slide` shows as white, so
+        give a sparse slide ``background=255``.
+        """
         import tifffile
 
         path = Path(path)
@@ -133,7 +161,7 @@ class SyntheticSlide:
                     res = 1e4 / (self.mpp * ds)  # pixels per centimetre
                     kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
                 tw.write(
-                    self._tiles(level),
+                    self._tiles(level, sparse),
                     shape=(h, w, 3),
                     dtype=np.uint8,
                     tile=(TILE, TILE),
