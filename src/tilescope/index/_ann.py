@@ -8,7 +8,8 @@ about a millisecond at nprobe 16-32 with recall@10 >= 0.99 after reranking, and 
 ``faiss-cpu`` wheels maintained by Meta. usearch's HNSW graph answered fast too but added
 under 1,000 rows/s here (a graph insert is a search), which is hours for 10 million rows.
 
-The file ``ann-<hex>.faiss`` sits in the index folder; the manifest's ``ann`` entry names it,
+The file ``index-<hex>.ann-<hex>.faiss`` sits beside the index group (outside it, so zarr
+readers see only zarr there); the manifest's ``ann`` entry names it,
 with the rows it covers (``n_rows``; rows added later are scanned exactly until the next
 update adds them) and the search settings. Dead rows are left in the lists and filtered at
 search time; a compaction retrains and rebuilds.
@@ -35,8 +36,9 @@ RERANK = 10
 
 
 def n_lists(n: int) -> int:
-    """About 2 sqrt(n) lists (FAISS's guideline is 1-16 sqrt(n)), 64..16384."""
-    return int(min(16384, max(64, 2 * int(np.sqrt(max(n, 1))))))
+    """About 2 sqrt(n) lists (FAISS's guideline is 1-16 sqrt(n)), 64..16384, and at least 40
+    training rows per list (k-means needs them)."""
+    return int(max(1, min(16384, max(64, 2 * int(np.sqrt(max(n, 1)))), n // 40)))
 
 
 def _faiss() -> Any:
@@ -90,18 +92,22 @@ def add(index: Any, ix: MappedIndex, start: int, stop: int, live: np.ndarray) ->
             index.add_with_ids(x, ids)
 
 
-def write(index: Any, folder: Path) -> str:
-    """Write `index` under a fresh name in `folder` (aside, then renamed); returns the name."""
+def write(index: Any, target: Path) -> str:
+    """Write `index` beside the index group `target` under a fresh name (aside, then renamed):
+    ``<group stem>.ann-<16 hex>.faiss``; returns the name."""
     faiss = _faiss()
-    name = f"ann-{uuid.uuid4().hex[:16]}.faiss"
-    tmp = folder / f".{name}.tmp"
+    name = f"{target.stem}.ann-{uuid.uuid4().hex[:16]}.faiss"
+    tmp = target.parent / f".{name}.tmp"
     faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / name)
+    os.replace(tmp, target.parent / name)
     return name
 
 
-def read(folder: Path, name: str) -> Any:
-    return _faiss().read_index(str(folder / name))
+def read(target: Path, name: str, *, mmap: bool = False) -> Any:
+    """The approximate index `name` of the index group `target`; with `mmap`, its inverted
+    lists stay in the file, memory-mapped (cheap to open; a later unlink does not hurt)."""
+    faiss = _faiss()
+    return faiss.read_index(str(target.parent / name), faiss.IO_FLAG_MMAP if mmap else 0)
 
 
 def search(

@@ -23,7 +23,7 @@ from ._layout import (
     read_manifest,
 )
 from ._scan import MappedIndex, exact_top_k
-from ._update import Found, Report, discover, update_model
+from ._update import Found, Report, _remove_stray_ann, discover, update_model
 
 Progress = Callable[[str], None]
 PathLikeT = str | PathLike[str]
@@ -42,17 +42,22 @@ class CohortIndex:
     def __init__(self, path: PathLikeT) -> None:
         self.path = Path(path)
         self.folder = self.path.parent.parent
-        for _attempt in range(3):  # an index swapped in (compacted) while we opened it
+        ann: Any = None
+        for _attempt in range(3):  # an index updated or swapped in while we opened it
             man = read_manifest(self.path)
             check_array_meta(self.path, man)
             ix = MappedIndex(self.path, man)
+            try:
+                ann = _ann.read(self.path, man.ann["file"], mmap=True) if man.ann else None
+            except RuntimeError:  # its file was replaced meanwhile: read the new manifest
+                continue
             if read_manifest(self.path).generation == man.generation:
                 break
         else:
             raise IndexBusyError(f"{self.path}: the index is being rewritten; try again")
         self.manifest: Manifest = man
         self._ix = ix
-        self._ann: Any = None
+        self._ann = ann
         self.entries = {e.id: e for e in man.stores}
         self._live = man.live_mask()
 
@@ -130,8 +135,6 @@ class CohortIndex:
         from ._scan import select
 
         assert self.manifest.ann is not None
-        if self._ann is None:
-            self._ann = _ann.read(self.path, self.manifest.ann["file"])
         rows, sims = _ann.search(self._ann, self._ix, q, k, ok, per_slide=per_slide,
                                  nprobe=nprobe)  # fmt: skip
         covered = int(self.manifest.ann["n_rows"])
@@ -229,6 +232,7 @@ def _drop_orphans(root: Path, keep: set[str]) -> None:
         if p.name not in keep:
             with IndexLock(p):
                 _fsops.remove(p)
+                _remove_stray_ann(p, None)
 
 
 @dataclass

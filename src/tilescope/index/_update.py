@@ -342,7 +342,7 @@ def _rewrite(
     try:
         create_group(tmp, man)
         man.stores = _append(tmp, man, sources + opened, say)
-        _ann_update(tmp, man, ann, min_rows, say)
+        _ann_update(tmp, man, ann, min_rows, say, target=path)
         write_manifest(tmp, man)
         _fsops.publish(tmp, path)
     finally:
@@ -350,8 +350,12 @@ def _rewrite(
             _fsops.remove(tmp)
 
 
-def _ann_update(path: Path, man: Manifest, ann: str, min_rows: int, say: Progress) -> None:
-    """Build, extend or drop the approximate index so that it covers ``man``'s rows."""
+def _ann_update(
+    path: Path, man: Manifest, ann: str, min_rows: int, say: Progress, target: Path | None = None
+) -> None:
+    """Build, extend or drop the approximate index so that it covers ``man``'s rows (those of
+    the group at `path`, to be published at `target`)."""
+    target = target or path
     if not _want_ann(man, ann, min_rows):
         return
     if ann == "off" or (ann == "auto" and man.n_live < min_rows):
@@ -366,19 +370,20 @@ def _ann_update(path: Path, man: Manifest, ann: str, min_rows: int, say: Progres
         index = _ann.build(ix, live)
     else:
         say(f"{path.name}: adding {man.n_rows - covered:,} rows to the approximate index")
-        index = _ann.read(path, man.ann["file"])
+        index = _ann.read(target, man.ann["file"])
         _ann.add(index, ix, covered, man.n_rows, live)
-    name = _ann.write(index, path)
+    name = _ann.write(index, target)
     man.ann = {"file": name, "kind": "faiss IVF-SQ8, inner product", "n_rows": man.n_rows,
                "nlist": int(index.nlist), "nprobe": _ann.NPROBE,
                "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
 
 
-def _remove_stray_ann(path: Path, man: Manifest) -> None:
-    """ANN files the manifest does not name (replaced ones, a killed run's)."""
-    keep = (man.ann or {}).get("file")
-    for p in path.glob("ann-*.faiss"):
+def _remove_stray_ann(path: Path, man: Manifest | None) -> None:
+    """Approximate-index files of this index that the manifest does not name (replaced ones,
+    a killed run's). A reader that opened one keeps its mapping."""
+    keep = ((man.ann if man else None) or {}).get("file")
+    for p in path.parent.glob(f"{path.stem}.ann-*.faiss"):
         if p.name != keep:
             p.unlink(missing_ok=True)
-    for p in path.glob(".ann-*.faiss.tmp"):
+    for p in path.parent.glob(f".{path.stem}.ann-*.faiss.tmp"):
         p.unlink(missing_ok=True)
