@@ -143,7 +143,7 @@ class _Appender:
         group = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3,
                                 use_consolidated=False)  # fmt: skip
         # every chunk gets its file, even one equal to the fill value (search maps the files)
-        full = {"write_empty_chunks": True}
+        full: Any = {"write_empty_chunks": True}  # an ArrayConfigParams
         self.arrays = {k: a.with_config(full) for k, a in group.arrays()}
         self.pos, self.rows = start, chunk_rows
         self.buf: list[dict[str, np.ndarray]] = []
