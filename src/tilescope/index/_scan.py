@@ -10,9 +10,10 @@ query q and a row e, with q~ and e~ their dequantised int8 forms,
 
     |q.e - q~.e~| = |q.(e - e~) + (q - q~).e~| <= ||q|| ||e - e~|| + ||q - q~|| ||e~||  =: eps
 
-(Cauchy-Schwarz; the per-row norms are stored: ``scan_err``, ``scan_norm``). The rows whose
-scan score plus eps reaches the k-th best *exact* float16 score among the rescored candidates
-are all rescored; no other row can enter the top k. So the result is the float16 top k, not an
+(Cauchy-Schwarz; the per-row norms are stored: ``scan_err``, ``scan_norm``). Candidates are
+taken by this upper bound; once the k-th best *exact* float16 score among the rescored ones,
+tau, is known, every row whose bound reaches tau must have been rescored (else more are); no
+other row can enter the top k. So the result is the float16 top k, not an
 approximation of it, and the only difference from float32 search is float16 rounding
 (|error| < 1e-3 on a cosine; ties at that level may swap).
 """
@@ -64,8 +65,6 @@ class MappedIndex:
         self.scale, self.err, self.norm = flat["scan_scale"], flat["scan_err"], flat["scan_norm"]
         self.store_id, self.row = flat["store_id"], flat["row"]
         self.coords = flat["coords"].reshape(-1, 2)
-        self.max_err = float(self.err.max()) if self.n else 0.0
-        self.max_norm = float(self.norm.max()) if self.n else 0.0
 
     def _map(self, name: str, chunk: int) -> np.ndarray:
         dtype, wide = ARRAYS[name]
@@ -98,8 +97,12 @@ class MappedIndex:
         return a, min(a + self.rows, self.n)
 
     # -- scoring -------------------------------------------------------------------------------
-    def scan(self, query: np.ndarray) -> tuple[np.ndarray, float]:
-        """Approximate scores (n,) float32 from the int8 copy, and their error bound eps."""
+    def upper_bounds(self, query: np.ndarray) -> np.ndarray:
+        """(n,) float32: an upper bound of each row's float16 score, from the int8 copy.
+
+        ``int8 score + ||q|| err_i + ||q - q~|| norm_i`` (plus a little for float32 rounding):
+        a row's own bound, so one row with an outlier component does not widen every row's.
+        """
         import numkong as nk
 
         q = np.asarray(query, dtype=np.float64).reshape(-1)
@@ -107,15 +110,17 @@ class MappedIndex:
         q8 = np.clip(np.rint(q * (127.0 / peak)), -127, 127).astype(np.int8)[None]
         q_inv = peak / 127.0
         q_err = float(np.linalg.norm(q - q8[0] * q_inv))
-        eps = float(np.linalg.norm(q)) * self.max_err + q_err * self.max_norm + _ROUNDING
         out = np.empty(self.n, dtype=np.float32)
         for c in range(self.n_chunks):
             a, b = self.chunk_span(c)
             nk.cdist(q8, self._maps["scan_i8"][c], "dot", out=out[a:b].reshape(1, b - a),
                      out_dtype="float32")  # fmt: skip
-        out *= self.scale
+        # out * scale * q_inv + ||q|| err + q_err norm (+ rounding), in place where possible
+        np.multiply(out, self.scale, out=out)
         out *= np.float32(q_inv)
-        return out, eps
+        out += np.float32(np.linalg.norm(q)) * self.err
+        out += np.float32(q_err) * self.norm + np.float32(_ROUNDING)
+        return out
 
     def rescore(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact scores of `rows` (global row numbers) from the float16 embeddings."""
@@ -161,8 +166,8 @@ def exact_top_k(
     per_slide: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Global rows and float16 scores of the exact top `k` among `allowed` rows, best first."""
-    approx, eps = ix.scan(query)
-    approx[~allowed] = -np.inf
+    ub = ix.upper_bounds(query)
+    ub[~allowed] = -np.inf
     n_ok = int(np.count_nonzero(allowed))
     if per_slide is not None:  # at most this many results exist under the cap
         n_ok_cap = int(np.minimum(np.bincount(ix.store_id[allowed]), per_slide).sum())
@@ -171,18 +176,16 @@ def exact_top_k(
     if k <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     m = min(n_ok, max(4 * k, k + 64) if per_slide is None else max(16 * k, 256))
+    cand = np.flatnonzero(allowed) if m >= n_ok else np.argpartition(-ub, m - 1)[:m]
     while True:
-        if m >= n_ok:
-            cand = np.flatnonzero(allowed)
-        else:
-            cand = np.argpartition(-approx, m - 1)[:m]
         exact = ix.rescore(query, cand)
         pos = select(cand, exact, ix.store_id, k, per_slide)
-        if len(pos) < k and m < n_ok:  # the per-slide cap left too few: look further
+        if len(pos) < k:  # the per-slide cap left too few: look further
             m = min(n_ok, m * 4)
+            cand = np.flatnonzero(allowed) if m >= n_ok else np.argpartition(-ub, m - 1)[:m]
             continue
         tau = float(exact[pos[-1]])
-        need = int(np.count_nonzero(approx >= tau - eps))
-        if need <= m or m >= n_ok:  # every row that could beat tau has been rescored
+        need = np.flatnonzero(ub >= tau)  # every row that could reach tau
+        if len(need) <= len(cand) and np.isin(need, cand, assume_unique=True).all():
             return cand[pos], exact[pos]
-        m = min(n_ok, max(need, 2 * m))
+        cand = np.union1d(cand, need)  # rescore them all: tau can only rise
