@@ -30,7 +30,7 @@ from ._scan import MappedIndex, select
 #: under about 0.1 s below this on 2 cores; see README).
 ANN_MIN_ROWS = 2_000_000
 #: Rows of each IVF list visited per query (of `nlist` lists).
-NPROBE = 32
+NPROBE = 16
 #: Candidates reranked exactly: this many times k (at least 200).
 RERANK = 10
 
@@ -122,25 +122,24 @@ def search(
     per_slide: int | None = None,
     nprobe: int = NPROBE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate top `k` among `allowed` rows (covered by `index`), reranked exactly."""
+    """Approximate top `k` among `allowed` rows (covered by `index`), reranked exactly.
+
+    Rows not allowed (dropped stores, the query's own tiles) are filtered from the candidates
+    rather than inside FAISS (a selector costs a pass over every row per query); when too few
+    remain, more candidates are asked for. One thread: a single query is not worth waking
+    more (and on a busy machine their barriers cost more than they save).
+    """
     faiss = _faiss()
+    faiss.omp_set_num_threads(1)
     q = np.asarray(query, dtype=np.float32).reshape(1, -1)
-    want = max(RERANK * k, 200)
-    if per_slide is not None:
-        want *= 4
-    covered = int((ix.manifest.ann or {}).get("n_rows", ix.n))
-    banned = np.flatnonzero(~allowed[:covered])
+    want = max(RERANK * k, 200) * (4 if per_slide is not None else 1)
     params = faiss.SearchParametersIVF(nprobe=min(nprobe, index.nlist))
-    if len(banned):
-        batch = faiss.IDSelectorBatch(banned.astype(np.int64))
-        params.sel = faiss.IDSelectorNot(batch)
-        params._keep = batch  # the selector holds a raw pointer: keep the batch alive
     while True:
         _, ids = index.search(q, min(want, max(index.ntotal, 1)), params=params)
-        cand = ids[0][ids[0] >= 0]
-        cand = cand[allowed[cand]]
+        got = ids[0][ids[0] >= 0]
+        cand = got[allowed[got]]
         exact = ix.rescore(query, cand)
         pos = select(cand, exact, ix.store_id, k, per_slide)
-        if len(pos) >= k or want >= index.ntotal or len(cand) < want // 2:
+        if len(pos) >= k or len(got) < want or want >= index.ntotal:
             return cand[pos], exact[pos]
         want *= 4
