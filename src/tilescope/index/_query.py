@@ -298,6 +298,9 @@ def search_folder(
         covered.update({rel: f for rel, f in ok_rel.items()})
         allowed = idx.allowed(only=list(ok_rel), exclude=exclude)
         found_at += idx.search(query, k, per_slide=per_slide, allowed=allowed, mode=mode)
+        if mode != "exact" and idx.manifest.ann is not None:
+            out.notes.append(f"{idx.n_live:,} patches of {root} searched through the approximate "
+                             "index (reranked exactly); --exact searches them all")  # fmt: skip
         out.n_indexed += len(ok_rel)
     direct = [f.path for f in found if f.rel not in covered]
     if direct:
