@@ -484,7 +484,7 @@ def test_every_imported_package_is_declared() -> None:
     }
     dist_of = {"openslide": "openslide-python", "skimage": "scikit-image",
                "open_clip": "open_clip_torch", "sklearn": "scikit-learn", "PIL": "pillow",
-               "yaml": "pyyaml"}  # fmt: skip
+               "yaml": "pyyaml", "faiss": "faiss-cpu"}  # fmt: skip
     implied = {"pillow", "pyyaml"}  # installed with napari / scikit-image, never alone
     implied |= {"triton"}  # optional: imported only when present (see _napari/_common.py)
     missing = set()

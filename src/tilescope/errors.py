@@ -122,3 +122,11 @@ class PromptError(TilescopeError):
 
 class SearchError(TilescopeError):
     """A region query cannot be answered (no tissue, no embedded tiles, incompatible stores)."""
+
+
+class IndexBusyError(SearchError):
+    """Another run is updating a cohort index."""
+
+
+class IndexCorruptError(SearchError):
+    """A cohort index is damaged or not in a layout this version reads; rebuild it."""

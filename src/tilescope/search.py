@@ -294,8 +294,12 @@ def search_stores(
     model: Mapping[str, Any],
     k: int = 20,
     exclude: Mapping[_PathT, Sequence[int] | np.ndarray] | None = None,
+    per_slide: int | None = None,
 ) -> list[Match]:
-    """The `k` best-matching tiles over several stores, best first.
+    """The `k` best-matching tiles over several stores, best first, reading every store.
+
+    For a folder of many stores, `tilescope.index.search_folder` answers from the folder's
+    index instead (memory-mapped, built once, updated incrementally).
 
     Parameters
     ----------
@@ -312,6 +316,8 @@ def search_stores(
         Number of matches.
     exclude
         Store path -> row indices to leave out (e.g. the query tiles themselves).
+    per_slide
+        At most this many matches from any one store (slide); default no cap.
 
     Every store is checked before any is searched: if one was made with a different model the
     whole search is refused with a `SearchError` naming each such store, since similarities
@@ -341,7 +347,7 @@ def search_stores(
         skip = ~st.done
         if st.path.resolve() in excl:
             skip[np.asarray(excl[st.path.resolve()], dtype=np.int64)] = True
-        for i in top_k(sim, k, exclude=skip):
+        for i in top_k(sim, k if per_slide is None else min(k, per_slide), exclude=skip):
             x, y = (int(v) for v in st.coords[i])
             m = Match(str(st.path), st.slide_name, int(i), x, y, float(sim[i]), st.tile_l0)
             found.append((-m.similarity, order, int(i), m))

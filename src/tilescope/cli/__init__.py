@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import TilescopeError
-from . import check, classify, demo, embed, export, info, score, search
+from . import check, classify, demo, embed, export, index, info, score, search
 from ._common import EXIT_ERROR, EXIT_INTERRUPTED, describe
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 #: Subcommands in the order `tilescope --help` lists them.
-COMMANDS = (info, embed, score, search, classify, export, check, demo)
+COMMANDS = (info, embed, score, search, index, classify, export, check, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

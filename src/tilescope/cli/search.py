@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from ._common import (
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..search import query_from_regions, search_stores
+    from ..index import search_cohort
+    from ..search import query_from_regions
     from ..store import EmbeddingStore
 
     require_slide_for_png(args)
@@ -45,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
         )
     targets = args.against or [store.path]
     exclude = {store.path: pos}  # the query tiles themselves are not matches
-    matches = search_stores(
-        query, targets, model=store.signature["model"], k=args.k, exclude=exclude
-    )
+    found = search_cohort(
+        query, targets, model=store.signature["model"], k=args.k, per_slide=args.per_slide,
+        exclude=exclude, use_index=not args.no_index, exact=args.exact,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    matches = found.matches
     if args.json:
         print(
             json.dumps(
@@ -63,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
                         "unlike": len(neg),
                         "unlike_weight": args.unlike_weight,
                     },  # fmt: skip
+                    "per_slide": args.per_slide,
+                    "searched": {
+                        "through_index": found.n_indexed,
+                        "directly": found.n_direct,
+                        "indexes": found.indexes,
+                    },  # fmt: skip
+                    "notes": found.notes,
                     "matches": [m.__dict__ for m in matches],
                 },
                 indent=2,
@@ -75,10 +87,14 @@ def run(args: argparse.Namespace) -> int:
                   "are queried and matched")  # fmt: skip
         if args.unlike and not len(neg):
             print(f"NOTE: --unlike {' and '.join(args.unlike)} covers no embedded tiles")
-        print(f"query: {len(pos)} tiles like, {len(neg)} unlike; top {len(matches)} matches")
+        for note in found.notes:
+            print(f"NOTE: {note}")
+        cap = f", at most {args.per_slide} per slide" if args.per_slide else ""
+        print(f"query: {len(pos)} tiles like, {len(neg)} unlike; top {len(matches)} matches{cap}")
         for rank, m in enumerate(matches, 1):
             print(
                 f"{rank:>3}. {m.slide_name:<32} x={m.x:<7} y={m.y:<7} similarity {m.similarity:.4f}"
+                + (f"  {m.store}" if args.against else "")
             )
     if args.png:
         import numpy as np
@@ -175,7 +191,25 @@ def register(sub: Any) -> None:
         "--against",
         action="append",
         metavar="STORE_OR_FOLDER",
-        help="stores (or folders of stores) to search; default: the query's store",
+        help="stores (or folders of stores) to search; default: the query's store. A folder "
+        "is searched through its index (tilescope index), built or updated first when needed",
+    )
+    p.add_argument(
+        "--per-slide",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="at most K matches from any one slide (default: no cap)",
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="exact search even where a folder's index has an approximate index",
+    )
+    p.add_argument(
+        "--no-index",
+        action="store_true",
+        help="read every store of --against folders instead of their index (slow)",
     )
     p.add_argument(
         "-k", "--k", dest="k", type=positive_int, default=20, help="number of matches (20)"
