@@ -111,13 +111,13 @@ def main() -> None:
     for name in FORKSERVER_PRELOAD:
         importlib.import_module(name)
 
-    threads = available_cpus()
+    threads = available_cpus()  # torch threads on both sides (the worker gets all: it is alone)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-cohort-") as tmp:
         root = Path(tmp)
         slides = make_slides(root, args.slides, args.size)
         t = time.perf_counter()
-        with connect(local=1, dashboard=False, threads_per_worker=threads) as conn:
+        with connect(local=1, dashboard=False) as conn:  # one task thread: one slide at a time
             start = time.perf_counter() - t
             serial, cohort = [], []
             for k in range(args.repeat):  # serial then cohort, fresh stores each time

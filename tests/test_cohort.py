@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import pytest
 from tilescope.cli import main
 from tilescope.cohort import (
     SUMMARY_NAME,
+    ModelSpec,
     connect,
     embed_cohort,
     parse_local,
@@ -184,6 +186,34 @@ def test_summary_csv_has_a_row_per_slide(run):
     assert rows["s1"]["attempts"] == "2" and float(rows["s1"]["seconds"]) > 0
 
 
+def _slow(p) -> None:
+    time.sleep(0.5)  # on the worker: a batch takes a while, as on a real slide
+
+
+def test_interrupted_run_keeps_rows_and_the_same_call_resumes(cluster, slides, serial, tmp_path):
+    """Ctrl-C: tasks are cancelled, running slides stop after their batch, flush their rows
+    and let go of their store; the summary says so; the same call again finishes the job."""
+    jobs = [(slides[n], tmp_path / f"{n}.zarr") for n in ("s0", "s1")]
+
+    def interrupt(p) -> None:
+        if p.patches_embedded > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_cohort(cluster.client, jobs, model="tiny-random", device="cpu",
+                     embed_kwargs=EMBED, summary=tmp_path / SUMMARY_NAME, progress=interrupt,
+                     on_batch=_slow)  # fmt: skip
+    with open(tmp_path / SUMMARY_NAME, newline="") as fh:
+        assert {r["status"] for r in csv.DictReader(fh)} <= {"interrupted", "not started"}
+    again = embed_cohort(cluster.client, jobs, model="tiny-random", device="cpu",
+                         embed_kwargs=EMBED)  # fmt: skip
+    assert [r.status for r in again.reports] == ["embedded", "embedded"]
+    assert sum(r.embedded_now for r in again.reports) < sum(r.tiles or 0 for r in again.reports)
+    for r, name in zip(again.reports, ("s0", "s1"), strict=True):  # as the serial stores
+        assert r.attempts == 1
+        _same_store(Path(r.store), serial[name])
+
+
 def test_cli_joins_a_cluster_by_scheduler_file(cluster, slides, tmp_path, capsys):
     """`embed --scheduler-file`: stores decided on the client (two slides named s0.tif get
     two stores), progress, the dashboard line and the summary; a second run does nothing."""
@@ -227,6 +257,18 @@ def test_one_gpu_per_worker():
     assert [worker_device(None, i, 2) for i in range(4)] == ["cuda:0", "cuda:1"] * 2
     assert worker_device("auto", "SLURMCluster-3-1", 4) == "cuda:1"
     assert worker_device("cpu", 3, 4) == "cpu" and worker_device("cuda:2", 0, 4) == "cuda:2"
+
+
+def test_a_cancelled_task_is_seen_by_the_worker_plugin():
+    """Dask reports a running task that the client let go of as executing -> released (its
+    state becomes "cancelled"); a finished or failed one is not a cancelled one."""
+    from tilescope.cohort._worker import CohortWorker
+
+    plugin = CohortWorker(ModelSpec(name="tiny-random"))
+    plugin.transition("done", "executing", "memory")
+    plugin.transition("raised", "executing", "error")
+    plugin.transition("let-go", "executing", "released")
+    assert plugin.cancelled == {"let-go"}
 
 
 def _readers_in_daemon(q) -> None:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import TilescopeError
@@ -95,6 +96,11 @@ def connect(
             what += f" ({torch_threads} torch thread{'s' if torch_threads > 1 else ''} each)"
         else:
             where = scheduler or scheduler_file
+            if scheduler_file and not Path(scheduler_file).is_file():  # Dask would wait forever
+                raise TilescopeError(
+                    f"--scheduler-file {scheduler_file}: no such file; the scheduler writes it "
+                    "when it starts (start it first, or check the path)"
+                )
             try:
                 client = stack.enter_context(
                     Client(scheduler_file=scheduler_file) if scheduler_file else Client(scheduler)

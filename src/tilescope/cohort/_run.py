@@ -43,7 +43,8 @@ class SlideReport:
     ``status``: ``embedded`` (this run completed its store), ``complete`` (finished before:
     nothing to do), ``partial`` (ended with tiles left, e.g. a region-restricted run),
     ``failed`` (gave up: see ``error``), ``interrupted`` / ``not started`` (the run was
-    stopped). ``failed_tiles`` counts tiles that could not be read (recorded in the store).
+    stopped); ``waiting`` while the run goes on. ``failed_tiles`` counts tiles that could not
+    be read (recorded in the store).
     """
 
     slide: str

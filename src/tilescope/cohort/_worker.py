@@ -117,10 +117,17 @@ class CohortWorker(WorkerPlugin):
         self.host = str(urlsplit(worker.address).hostname)
 
     def teardown(self, worker: Worker) -> None:
-        self._encoder = None  # frees the model (and its GPU memory) with the run
+        if self._encoder is not None:  # frees the model (and its GPU memory) with the run
+            self._encoder = None
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if finish == "cancelled":  # the client let go of a task this worker is running
+        # the client let go of a task this worker runs (the worker state machine reports the
+        # requested state, "released"; the task's own state becomes "cancelled")
+        if start in ("executing", "long-running") and finish in ("released", "cancelled"):
             self.cancelled.add(str(key))
 
     def encoder(self, host_workers: Mapping[str, int] | None = None) -> Encoder:
@@ -183,6 +190,12 @@ def probe(plugin_name: str, host_workers: Mapping[str, int]) -> dict[str, Any]:
         "worker": get_worker().name,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def stopped(worker: Any, plugin_name: str, plugin: CohortWorker, task_key: str) -> bool:
+    """True once the client let go of this task (Ctrl-C, or a given-up run): its future was
+    cancelled, or the run's plugin was removed from this worker (which may come first)."""
+    return task_key in plugin.cancelled or worker.plugins.get(plugin_name) is not plugin
 
 
 def attempt_marks(store: str | os.PathLike[str], run_token: str) -> list[Path]:
@@ -276,7 +289,7 @@ def embed_task(
                 store,
                 encoder=encoder,
                 progress=report,
-                should_stop=lambda: task_key in plugin.cancelled,
+                should_stop=lambda: stopped(worker, plugin_name, plugin, task_key),
                 **kwargs,
             )
     except (TilescopeError, OSError) as exc:
