@@ -88,7 +88,7 @@ class _Display:
     def model(self, info: dict[str, Any]) -> None:
         print(
             f"  model: {info.get('label')} on {info.get('device')} (worker {info.get('worker')}, "
-            f"{info.get('torch_threads')} torch threads)"
+            f"torch threads: {info.get('torch_threads')})"
         )
         if not info.get("trained", True):
             print(f"NOTE: {info.get('label')}: embeddings are for testing the pipeline only.")
@@ -105,7 +105,7 @@ class _Display:
             unit="slide",
             dynamic_ncols=True,
             file=sys.stderr,
-            bar_format="{n_fmt}/{total_fmt} slides |{bar}| {postfix}",
+            bar_format="{n_fmt}/{total_fmt} slides |{bar}| {desc}",
         )
 
     def progress(self, p: Any) -> None:
@@ -114,7 +114,7 @@ class _Display:
         eta = "?" if p.eta is None else _duration(p.eta)
         self.bar.n = p.slides_done + p.slides_failed
         failed = f", {p.slides_failed} failed" if p.slides_failed else ""
-        self.bar.set_postfix_str(
+        self.bar.set_description_str(
             f"{p.slides_running} running on {p.workers} workers{failed}, {p.patches_embedded:,} "
             f"patches, {p.rate:,.0f} patches/s, ETA {eta}",
             refresh=False,
