@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NoTilesError, StoreNotice, TilescopeError
+from . import _cohort_embed
 from ._common import EXIT_ERROR, OVERWRITE_FLAG, ProgressBar, describe, positive_int
 
 
@@ -98,9 +99,13 @@ def run(args: argparse.Namespace) -> int:
         target_mpp=args.mpp, tile_px=args.tile, overlap_px=args.overlap, min_tissue=args.min_tissue
     )
     roi = _roi(args)  # read and checked before the slides and the model
+    if _cohort_embed.wanted(args):
+        _cohort_embed.check(args)
     todo, status = plan(args, grid)
     if not todo:
         return status or EXIT_ERROR
+    if _cohort_embed.wanted(args):  # one Dask task per slide (tilescope.cohort)
+        return _cohort_embed.run(args, grid, todo, roi) or status
     encoder = load_encoder(args.model, device=args.device)
     if not encoder.trained:
         print(f"NOTE: {encoder.label}: embeddings are for testing the pipeline only.")
@@ -230,4 +235,5 @@ def register(sub: Any) -> None:
         action="store_true",
         help="try again the tiles an earlier run could not read (recorded in the store)",
     )
+    _cohort_embed.add_arguments(p)
     p.set_defaults(func=run)

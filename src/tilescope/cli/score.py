@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TilescopeError
+from . import _score_cohort
 from ._common import (
     add_png_args,
     label_line,
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from ..score import PromptSet, TileGeometry, heatmap, save_scores, score_store
     from ..store import EmbeddingStore
 
+    if _score_cohort.wanted(args):  # a folder of stores, or --csv: one row per store
+        return _score_cohort.run(args)
     # everything a user typed is checked before the model loads and before any work
     require_slide_for_png(args)
     check_classes(args.classes)
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("score", help="score a store's tiles against text prompts")
-    p.add_argument("store", help="a store made by `tilescope embed`")
+    p.add_argument("store", help="a store made by `tilescope embed`, or a folder of stores")
     p.add_argument(
         "--class",
         dest="classes",
@@ -172,4 +175,5 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_png_args(p, "the winning class's heatmap")
+    _score_cohort.add_arguments(p)
     p.set_defaults(func=run)
