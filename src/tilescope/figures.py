@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .score import Heatmap
+from .raster import Heatmap
 from .slide import Slide
 
 # Anchors of matplotlib's "inferno" (CC0), interpolated linearly: dark = low, yellow = high.

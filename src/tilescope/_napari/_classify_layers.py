@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..score import TileGeometry, heatmap
+from ..raster import TileGeometry, heatmap
 from ._common import UNTRAINED_TAG
 from ._layers import LayerData, SlideFrame, heatmap_layer, labels_layer
 

@@ -16,7 +16,7 @@ gives, per axis::
 so a tile's world bounds are ``translate + (x - 0.5) * scale`` to
 ``translate + (x + tile_l0 - 0.5) * scale`` and its centre
 ``translate + (x + tile_l0 / 2 - 0.5) * scale``. Heatmaps use the core's own
-`~tilescope.score.Heatmap.world_scale_translate` at 1 µm/px (i.e. in level-0 pixel units),
+`~tilescope.raster.Heatmap.world_scale_translate` at 1 µm/px (i.e. in level-0 pixel units),
 then this frame's scale and translate, so anisotropic pixels and translated slides stay exact.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..score import Heatmap
+from ..raster import Heatmap
 
 LayerData = tuple[Any, dict[str, Any], str]
 

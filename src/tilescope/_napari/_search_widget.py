@@ -28,7 +28,7 @@ from magicgui.widgets import (
 )
 
 from ..errors import SearchError
-from ..score import TileGeometry, heatmap
+from ..raster import TileGeometry, heatmap
 from ..search import Match, query_from_regions, search_stores, similarity, top_k
 from ._common import (
     UNTRAINED_TAG,
