@@ -99,14 +99,6 @@ def xywh(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1 - x0, y1 - y0
 
 
-def label_line(pooled: object) -> str:
-    scores = getattr(pooled, "scores", {})
-    parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1]))
-    return (
-        f"slide label: {getattr(pooled, 'label', '?')} ({getattr(pooled, 'method', '')}: {parts})"
-    )
-
-
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
     try:

@@ -11,7 +11,6 @@ from typing import Any
 from ..errors import TilescopeError
 from ._common import (
     add_png_args,
-    label_line,
     positive_int,
     require_slide_for_png,
     require_store_slide,
@@ -40,7 +39,7 @@ def check_classes(items: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._store_scores import check_score_name
     from ..models import load_encoder_for_store
-    from ..score import PromptSet, TileGeometry, heatmap, save_scores, score_store
+    from ..score import PromptSet, save_scores, score_store
     from ..store import EmbeddingStore
 
     # everything a user typed is checked before the model loads and before any work
@@ -106,19 +105,11 @@ def run(args: argparse.Namespace) -> int:
         if args.save is not None:
             print(f"saved the scores as {args.save!r} in {store.path}")
     if args.png:
-        from ..figures import heatmap_figure
+        from ..figures import score_figure
 
-        c = prompts.class_names.index(pooled.label)
-        hm = heatmap(scores.probs[:, c], TileGeometry.from_store(store))
         warn = None if encoder.trained else f"{encoder.label}: NOT A RESULT"
-        heatmap_figure(
-            args.slide,
-            hm,
-            args.png,
-            [f"P({pooled.label}) per tile", label_line(pooled)],
-            slide_mpp=args.slide_mpp,
-            warning=warn,
-        )
+        score_figure(args.slide, store, scores, pooled, args.png, slide_mpp=args.slide_mpp,
+                     warning=warn)  # fmt: skip
         print(f"wrote {args.png}")
     return 0
 
