@@ -12,8 +12,9 @@ from typing import Any
 from ..demo import DEFAULT_PROMPTS, TEMPLATES, demo_encoder, query_box, untrained_notice
 from ..embed import embed_slide, store_path_for
 from ..models import DEFAULT_MODEL
-from ._common import _preload_triton, notify_warning, open_store, register_encoder
+from ._common import _preload_triton, open_store, register_encoder
 from ._layers import SlideFrame
+from ._messages import notify_warning
 from ._reader import read_slides
 
 PLUGIN = "tilescope"
