@@ -327,6 +327,11 @@ def test_double_click_on_a_match_of_another_slide_opens_it(make_napari_viewer, t
     assert np.asarray(b.extent.world)[0, -1] > np.asarray(a.extent.world)[1, -1]  # beside
     want = world_of_l0(b, m.x + m.tile_l0 / 2, m.y + m.tile_l0 / 2)
     assert camera_of(viewer).center[-2:] == pytest.approx(want)
+    marks = viewer.layers["other-slides matches · b [UNTRAINED]"]  # outlined on slide b
+    k = list(marks.features["rank"]).index(row + 1)
+    box = np.array([marks.data_to_world(v) for v in marks.data[k]])
+    assert box.mean(0) == pytest.approx(want)
+    assert list(marks.edge_color[k]) == [1.0, 0.0, 1.0, 1.0]  # the current one, in magenta
     search._results.native.cellDoubleClicked.emit(row, 0)  # again: not opened twice
     assert len([ly for ly in viewer.layers if ly.name == b.name]) == 1
 

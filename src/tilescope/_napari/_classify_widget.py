@@ -37,7 +37,7 @@ from ._common import DockContainer, open_store, row, start_worker, untrained_suf
 from ._geojson_reader import ROLE as QUPATH_ROLE
 from ._geojson_reader import align_to_slide, layer_regions
 from ._layers import SlideFrame, put_layers
-from ._messages import StatusLabel, compact_combo, notify_info, report_error
+from ._messages import StatusLabel, compact_combo, notify_info, report_error, wrapping
 from ._slides import no_slide_error, slide_choices, watch_viewer
 from ._stores import StorePicker
 
@@ -99,8 +99,7 @@ class TissueClassifierWidget(DockContainer):
         self._table.native.verticalHeader().setVisible(False)
         self._table.native.setItemDelegate(QStyledItemDelegate(self._table.native))  # as written
         self._table.native.setMinimumHeight(90)
-        self._accuracy = Label(value="")
-        self._accuracy.native.setWordWrap(True)
+        self._accuracy = wrapping(Label(value=""))
         self._save_name = LineEdit(label="save as", value="tissue")
         self._save_name.tooltip = "Score set name in the store (heatmaps and export read it)"
         self._save = PushButton(text="Save to store")

@@ -246,6 +246,7 @@ class DockContainer(Container):
         scroll = self.root_native_widget
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         inner = scroll.widget()
+        inner.layout().addStretch(1)  # rows keep their height; the room left goes below them
 
         owner = self
 

@@ -52,7 +52,7 @@ from ._layers import (
     put_layers,
     result_name,
 )
-from ._messages import StatusLabel, compact_combo, notify_warning, report_error
+from ._messages import StatusLabel, compact_combo, notify_warning, report_error, wrapping
 from ._slides import no_slide_error, slide_choices, watch_viewer
 from ._stores import StorePicker
 
@@ -186,15 +186,13 @@ class PromptHeatmapWidget(DockContainer):
         self._save.tooltip = "Save the scores in the store under this name (export reads them)"
         self._save_name = LineEdit(value="prompts")
         self._run = PushButton(text="Score prompts")
-        self._slide_label = Label(value="")
-        self._slide_label.native.setWordWrap(True)
+        self._slide_label = wrapping(Label(value=""))
         self._table = Table(columns=("score", "tiles won"))
         self._table.read_only = True
         self._table.native.verticalHeader().setDefaultSectionSize(20)
         self._table.native.setMinimumHeight(80)
         self._table.tooltip = "Slide-level score and tiles won per class, in the class's colour"
-        self._legend = Label(value="")
-        self._legend.native.setWordWrap(True)
+        self._legend = wrapping(Label(value=""))
         self._status = StatusLabel()
         options = row(self._pooling, self._k, self._temperature, labels=True)
         options.label, self._pooling.label = "pooling", ""

@@ -105,6 +105,15 @@ class StatusLabel(Label):
         return str(self.native.text()).replace(_ZWSP, "")
 
 
+def wrapping(label: Any) -> Any:
+    """A magicgui Label (rich text allowed) that wraps to its dock's width, never widening it."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+    return label
+
+
 def compact_combo(combo: Any, chars: int = 14) -> None:
     """Keep a magicgui ComboBox from widening its dock to fit its longest item."""
     from qtpy.QtWidgets import QComboBox

@@ -43,7 +43,7 @@ from ._layers import (
     result_name,
     shapes_to_world_polygons,
 )
-from ._messages import StatusLabel, compact_combo, notify_info, report_error
+from ._messages import StatusLabel, compact_combo, notify_info, report_error, wrapping
 from ._slides import (
     find_slide_file,
     layer_of_file,
@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 QUERY_LAYER = "Tilescope query"
 NEGATIVE_LAYER = "Tilescope not like this"
 ROLE = "region-search"
+#: Matches found on other slides ("Search other slides"), outlined on their slide.
+FOLDER_ROLE = "region-search-other-slides"
 #: Keys that step through the matches (free in napari's default key bindings).
 NEXT_KEY, PREVIOUS_KEY = ".", ","
 
@@ -127,9 +129,8 @@ class RegionSearchWidget(DockContainer):
         self._prev.tooltip = f"The previous match (key {PREVIOUS_KEY!r} over the canvas)"
         self._next.tooltip = f"The next match (key {NEXT_KEY!r} over the canvas)"
         self._zoom = CheckBox(text="zoom to each match", value=True)
-        self._match = Label(value="")
-        self._legend = Label(value="")
-        self._legend.native.setWordWrap(True)
+        self._match = wrapping(Label(value=""))
+        self._legend = wrapping(Label(value=""))
         self._folder = FileEdit(label="other slides", mode=FileDialogMode.EXISTING_DIRECTORY)
         self._folder.tooltip = "A folder of .zarr embedding stores made with the same model"
         self._search_folder = PushButton(text="Search other slides")
@@ -176,7 +177,8 @@ class RegionSearchWidget(DockContainer):
         return [
             (ly.name, ly)
             for ly in self._viewer.layers
-            if isinstance(ly, Shapes) and ly.metadata.get("tilescope", {}).get("role") != ROLE
+            if isinstance(ly, Shapes)
+            and ly.metadata.get("tilescope", {}).get("role") not in (ROLE, FOLDER_ROLE)
         ]
 
     def _negative_choices(self, _: Any = None) -> list[tuple[str, Any]]:
@@ -378,11 +380,45 @@ class RegionSearchWidget(DockContainer):
             notify_info(f"opened {slide_file.name} to show match on it")
         layer.metadata["tilescope"].setdefault("store", str(m.store))
         frame = SlideFrame.of_layer(layer)
+        self._mark_folder_matches(frame, m)
         centre = frame.tile_centres(np.array([[m.x, m.y]]), m.tile_l0)[0]
         camera_of(self._viewer).center = tuple(float(v) for v in centre)
         if self._zoom.value:
             self._zoom_to_tile(m.tile_l0 * float(np.mean(frame.scale)))
+        rank = self.other_matches.index(m) + 1 if m in self.other_matches else 0
+        self._status.value = (f"match {rank} of the other slides: {m.slide_name}, x={m.x}, "
+                              f"y={m.y}, similarity {m.similarity:.3f}")  # fmt: skip
         return layer
+
+    def _mark_folder_matches(self, frame: SlideFrame, current: Match) -> None:
+        """Outline the other-slides matches that lie on this slide (numbered by their rank in
+        the list), the current one in magenta."""
+        here = Path(current.store).resolve()
+        mine = [(k, m) for k, m in enumerate(self.other_matches) if Path(m.store).resolve() == here]
+        if not mine:
+            return
+        xy = np.array([[m.x, m.y] for _, m in mine], dtype=np.int64)
+        features = {
+            "rank": np.array([k + 1 for k, _ in mine]),
+            "similarity": np.array([m.similarity for _, m in mine]),
+            "slide": [m.slide_name for _, m in mine],
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+        }
+        trained = self.last_result is None or self.last_result.model.get("trained", True)
+        name = result_name("other-slides matches", frame, "" if trained else UNTRAINED_TAG)
+        data = matches_layer(
+            xy,
+            current.tile_l0,
+            frame,
+            features,
+            name,
+            metadata=frame.meta(FOLDER_ROLE, store=str(current.store)),
+        )
+        (layer,) = put_layers(self._viewer, [data], FOLDER_ROLE, frame.path)
+        colors = np.tile([0.0, 1.0, 1.0, 1.0], (len(mine), 1))
+        colors[[m for _, m in mine].index(current)] = [1.0, 0.0, 1.0, 1.0]
+        layer.edge_color = colors
 
     # -- Qt side ------------------------------------------------------------------------------
     def _on_search(self, _: Any = None) -> None:
