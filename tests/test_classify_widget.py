@@ -107,6 +107,13 @@ def test_drawn_classes_train_and_show_every_layer(viewer_crc, qtbot, tmp_path) -
                                atol=1e-6)  # fmt: skip
     labels = viewer.layers["classifier: class · crc [UNTRAINED]"]
     assert labels.visible and not heat.visible
+    from qtpy.QtGui import QColor
+
+    for r in range(3):  # each class's row in the colour its label is drawn
+        img = widget._table.native.item(r, 0).icon().pixmap(12, 12).toImage()
+        c = QColor(img.pixel(6, 6))
+        rgba = np.asarray(labels.colormap.map(np.array([r + 1]))).reshape(-1)
+        assert (c.red(), c.green(), c.blue()) == tuple(int(round(255 * v)) for v in rgba[:3])
 
     # save to the store, write the classifier, apply it again
     widget._save_name.value = "crc"

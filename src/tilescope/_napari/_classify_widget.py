@@ -32,11 +32,11 @@ from qtpy.QtWidgets import QStyledItemDelegate
 
 from ..classify import Classifier, ClassifierError, predict, save_prediction, train, training_set
 from ..qupath import class_color
-from ._classify_layers import result_layers
-from ._common import DockContainer, open_store, row, start_worker, untrained_suffix
+from ._classify_layers import PREFIX, result_layers
+from ._common import DockContainer, open_store, row, start_worker, swatch, untrained_suffix
 from ._geojson_reader import ROLE as QUPATH_ROLE
 from ._geojson_reader import align_to_slide, layer_regions
-from ._layers import SlideFrame, put_layers
+from ._layers import SlideFrame, label_colors, put_layers
 from ._messages import StatusLabel, compact_combo, notify_info, report_error, wrapping
 from ._slides import no_slide_error, slide_choices, watch_viewer
 from ._stores import StorePicker
@@ -259,6 +259,12 @@ class TissueClassifierWidget(DockContainer):
         index = [str(i + 1) for i in range(len(cells))]  # hidden; the class is a column
         self._table.value = {"data": cells, "index": index, "columns": list(COLUMNS)}
         self._fit_columns()
+        classes = next((ly for ly in added if ly.name.startswith(f"{PREFIX}: class")), None)
+        if classes is not None:  # each class in the colour the classes layer draws it
+            for row_index, rgba in enumerate(label_colors(classes, len(clf.classes))):
+                item = self._table.native.item(row_index, 0)
+                if item is not None:
+                    item.setIcon(swatch(rgba))
         cv = clf.cv
         acc = (f"<b>accuracy {cv.accuracy:.2f}</b> (balanced {cv.balanced_accuracy:.2f}), "
                f"cross-validated by region, {cv.n_folds} folds" if cv is not None

@@ -133,6 +133,16 @@ def row(*widgets: Any, labels: bool = False) -> Any:
     return line
 
 
+def swatch(rgba: Any, size: int = 12) -> Any:
+    """A small square icon of colour `rgba` (0..1), for a class's row in a table."""
+    from qtpy.QtGui import QColor, QIcon, QPixmap
+
+    pix = QPixmap(size, size)
+    red, green, blue = (int(round(255 * float(v))) for v in list(rgba)[:3])
+    pix.fill(QColor(red, green, blue))
+    return QIcon(pix)
+
+
 def untrained_suffix(trained: bool) -> str:
     return "" if trained else " [UNTRAINED model: not a result]"
 

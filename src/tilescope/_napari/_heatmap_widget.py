@@ -41,6 +41,7 @@ from ._common import (
     open_store,
     row,
     start_worker,
+    swatch,
     untrained_suffix,
 )
 from ._layers import (
@@ -309,17 +310,11 @@ class PromptHeatmapWidget(DockContainer):
 
     def _paint_classes(self, colors: list[np.ndarray]) -> None:
         """A swatch of each class's winning-class colour before its name in the table."""
-        from qtpy.QtGui import QColor, QIcon, QPixmap
-
         table = self._table.native
-        for r, rgba in enumerate(colors):
-            item = table.verticalHeaderItem(r)
-            if item is None:
-                continue
-            pix = QPixmap(12, 12)
-            r, g, b = (int(round(255 * float(v))) for v in rgba[:3])
-            pix.fill(QColor(r, g, b))
-            item.setIcon(QIcon(pix))
+        for row_index, rgba in enumerate(colors):
+            item = table.verticalHeaderItem(row_index)
+            if item is not None:
+                item.setIcon(swatch(rgba))
 
     # -- Qt side ------------------------------------------------------------------------------
     def _on_run(self, _: Any = None) -> None:
