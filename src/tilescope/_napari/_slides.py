@@ -54,9 +54,8 @@ def no_slide_error(viewer: Any) -> TilescopeError:
     foreign = foreign_slides(viewer)
     if foreign:
         return TilescopeError(
-            f"{foreign[0].name} was opened by napari's built-in reader (the whole image, in "
-            "pixels, without the slide's metadata); open it with Tilescope's reader: File > "
-            "Open and choose 'Tilescope', or 'Re-open with Tilescope' in the notification"
+            f"{foreign[0].name} was opened by napari's built-in reader, without the slide's "
+            "metadata: re-open it with Tilescope (File > Open, choose Tilescope)"
         )
     return TilescopeError("open a slide first (File > Open, or File > Open Sample > Tilescope)")
 
