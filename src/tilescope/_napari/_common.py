@@ -281,6 +281,12 @@ class DockContainer(Container):
         return self.root_native_widget
 
     def _join_tilescope_tabs(self) -> None:
+        try:
+            self._tabify()
+        except RuntimeError:  # the dock (or the window) was deleted meanwhile: nothing to join
+            return
+
+    def _tabify(self) -> None:
         from qtpy.QtWidgets import QDockWidget, QMainWindow
 
         dock = self.root_native_widget.parent()

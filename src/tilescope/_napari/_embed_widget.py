@@ -32,7 +32,7 @@ from ._common import (
     start_worker,
     untrained_suffix,
 )
-from ._messages import StatusLabel, compact_combo, notify_info, report_error, report_status
+from ._messages import StatusLabel, compact_combo, notify_info, report_error
 from ._slides import no_slide_error, set_slide_mpp, slide_choices, slide_layers, watch_viewer
 from ._stores import remember_folder, stores_changed
 
@@ -266,7 +266,7 @@ class EmbedWidget(DockContainer):
         msg = f"{result.n_tiles} tiles in {result.store_path.name} ({state}){note}"
         if result.failed:
             msg += f"; {len(result.failed)} tiles failed to read (recorded in the store)"
-        report_status(self._status, msg)
+        self._status.value = msg
         notify_info(msg)
 
     def _on_error(self, run: EmbedRun, exc: BaseException) -> None:

@@ -156,8 +156,8 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         self._results.native.cellDoubleClicked.connect(self._on_result_clicked)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self.reset_choices)
-        viewer.bind_key(NEXT_KEY, lambda _v: self.step(+1), overwrite=True)
-        viewer.bind_key(PREVIOUS_KEY, lambda _v: self.step(-1), overwrite=True)
+        viewer.bind_key(NEXT_KEY, lambda _v: self._key_step(+1), overwrite=True)
+        viewer.bind_key(PREVIOUS_KEY, lambda _v: self._key_step(-1), overwrite=True)
         self.last_result: SearchResult | None = None
         self.other_matches: list[Match] = []
         self.current = -1
@@ -314,6 +314,12 @@ class RegionSearchWidget(OtherSlides, DockContainer):
 
     def step(self, delta: int) -> None:
         self.show_match(self.current + delta)
+
+    def _key_step(self, delta: int) -> None:
+        try:
+            self.step(delta)
+        except RuntimeError:  # the widget was closed: its keys do nothing
+            pass
 
     def _zoom_to_tile(self, tile_world: float | None = None) -> None:
         """Zoom so a tile spans about a sixth of the canvas (never zooming out of a closer view)."""
