@@ -2,8 +2,9 @@
 
 A slide that records no pixel size is shown in µm too when its pixel size is known otherwise:
 given to `read_slides` (``mpp=``), or recorded in a store of this slide in the default stores
-folder (the value the user gave when embedding it). Else it opens in pixels, with a warning
-saying where to give the pixel size (the Embed widget's *slide µm/px*).
+folder or a folder used this session (the value the user gave when embedding it). Else it opens
+in pixels, with a warning saying where to give the pixel size (the Embed widget's *slide
+µm/px*).
 
 A slide opened into a viewer that already shows slides is placed to the right of them, not on
 top (`tilescope._napari._slides.beside`).
@@ -70,11 +71,13 @@ def _open(path: str | Path, mpp: float | None) -> Slide:
 
 
 def _mpp_from_stores(path: str | Path) -> float | None:
-    """The level-0 µm/px recorded in a store of this slide in the default stores folder."""
+    """The level-0 µm/px recorded in a store of this slide (default stores folder, and the
+    folders used this session)."""
     try:
-        from ..catalog import default_store_dir, read_signature, stores_for_slide
+        from ..catalog import read_signature, stores_for_slide
+        from ._stores import folders
 
-        for store in stores_for_slide(path, [default_store_dir()]):
+        for store in stores_for_slide(path, folders()):
             mpp = (read_signature(store) or {}).get("level0_mpp") or [None]
             if mpp[0]:
                 return float(mpp[0])
