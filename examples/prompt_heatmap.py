@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tilescope.demo import TEMPLATES, demo_encoder, demo_slide, has_display
 from tilescope.embed import embed_slide, store_path_for
-from tilescope.figures import heatmap_figure
-from tilescope.score import PromptSet, TileGeometry, heatmap, score_store
+from tilescope.figures import score_figure
+from tilescope.score import PromptSet, score_store
 from tilescope.store import EmbeddingStore
 
 PROMPTS = """
@@ -46,15 +46,10 @@ print(f"slide label: {pooled.label}{note}")
 for name, value in pooled.scores.items():
     print(f"  {name:<14} {value:.4f}")
 
-c = prompts.class_names.index(pooled.label)
-hm = heatmap(scores.probs[:, c], TileGeometry.from_store(store))
-png = heatmap_figure(
-    slide,
-    hm,
-    out / "heatmap.png",
-    [f"P({pooled.label}) per tile"],
+png = score_figure(
+    slide, store, scores, pooled, out / "heatmap.png",
     warning=None if encoder.trained else encoder.label,
-)
+)  # fmt: skip
 print(f"wrote {png}")
 
 if has_display() and not args.headless:

@@ -16,9 +16,8 @@ import numpy as np
 
 from tilescope.demo import demo_encoder, demo_slide, has_display
 from tilescope.embed import embed_slide, store_path_for
-from tilescope.figures import heatmap_figure
-from tilescope.score import TileGeometry, heatmap
-from tilescope.search import build_query, search_stores, similarity, tiles_in_shapes
+from tilescope.figures import similarity_figure
+from tilescope.search import build_query, search_stores, similarity_map, tiles_in_shapes
 from tilescope.store import EmbeddingStore
 
 ap = argparse.ArgumentParser()
@@ -55,16 +54,11 @@ if not encoder.trained:
 for rank, m in enumerate(matches, 1):
     print(f"{rank:>2}. x={m.x:<6} y={m.y:<6} similarity {m.similarity:.4f}")
 
-hm = heatmap(similarity(store.embeddings, query), TileGeometry.from_store(store))
-png = heatmap_figure(
-    slide,
-    hm,
-    out / "search.png",
-    ["similarity to the query box (cyan)"],
+png = similarity_figure(
+    slide, store, similarity_map(store, query), out / "search.png",
+    boxes=[(x, y, w, h)], marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in matches],
     warning=None if encoder.trained else encoder.label,
-    boxes=[(x, y, w, h)],
-    marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in matches],
-)
+)  # fmt: skip
 print(f"wrote {png}")
 
 if has_display() and not args.headless:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from napari_helpers import assert_fits, dock, shown_viewer
 from test_classify import crc_mosaic, qupath_annotations
 
 from tilescope._napari._classify_widget import TissueClassifierWidget
@@ -36,14 +37,15 @@ def crc(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def viewer_crc(make_napari_viewer, crc):
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1600, 1000)
+def viewer_crc(make_napari_viewer, crc, monkeypatch, tmp_path):
+    """The mosaic in a shown 1600 x 1000 window; its store sits in the default stores folder,
+    where the widget finds it by the slide's identity."""
     slide_path, store, regions = crc
+    monkeypatch.setenv("TILESCOPE_STORES", str(Path(store).parent))
+    viewer = shown_viewer(make_napari_viewer)
     slide = viewer.open(str(slide_path), plugin="tilescope")[0]
-    slide.metadata["tilescope"]["store"] = str(store)
-    _, widget = viewer.window.add_plugin_dock_widget("tilescope", "Tissue classifier")
-    widget.synchronous = True
+    widget = dock(viewer, "Tissue classifier")
+    assert widget._store.value == Path(store)
     return viewer, slide, widget, EmbeddingStore.open(store), regions
 
 
@@ -78,29 +80,40 @@ def test_drawn_classes_train_and_show_every_layer(viewer_crc, qtbot, tmp_path) -
     assert res.training.tiles_per_class() == {c: 4 for c in chosen}
     names = [ly.name for ly in viewer.layers]
     for cls in chosen:
-        assert f"classifier P({cls}) [UNTRAINED]" in names
-    for name in ("classifier: class [UNTRAINED]", "classifier uncertainty [UNTRAINED]",
-                 "classifier training tiles"):  # fmt: skip
-        assert name in names
+        assert f"classifier P({cls}) · crc [UNTRAINED]" in names
+    for name in (
+        "classifier: class · crc [UNTRAINED]",
+        "classifier uncertainty · crc [UNTRAINED]",
+        "classifier training tiles · crc",
+    ):
+        assert name in names  # fmt: skip
     assert [widget._table.data[i][0] for i in range(3)] == chosen
     assert widget._table.native.item(0, 3).text().count(".") == 1  # 3 decimals, as written
     areas = [float(widget._table.data[i][3]) for i in range(3)]
     assert sum(areas) == pytest.approx(40 * (store.tile_l0 * store.level0_mpp / 1e3) ** 2, 0.01)
 
     # every tile's probability sits on its own heatmap cell; training tiles are outlined
-    heat = viewer.layers["classifier P(adipose) [UNTRAINED]"]
+    heat = viewer.layers["classifier P(adipose) · crc [UNTRAINED]"]
     probs = res.prediction.probs[:, 0]
     for i in range(0, store.n_tiles, 7):
         x, y = store.coords[i] + store.tile_l0 / 2
         r, c = np.round(heat.world_to_data(world(slide, x, y))).astype(int)
         assert heat.data[r, c] == pytest.approx(probs[i], abs=1e-6)
-    tiles = viewer.layers["classifier training tiles"]
+    tiles = viewer.layers["classifier training tiles · crc"]
     assert len(tiles.data) == 12 and set(tiles.features["class"]) == set(chosen)
     first = res.training.indices[0]
     x0, y0 = store.coords[first]
-    np.testing.assert_allclose(tiles.data[0][0], world(slide, x0, y0), atol=1e-6)
-    labels = viewer.layers["classifier: class [UNTRAINED]"]
+    np.testing.assert_allclose(tiles.data_to_world(tiles.data[0][0]), world(slide, x0, y0),
+                               atol=1e-6)  # fmt: skip
+    labels = viewer.layers["classifier: class · crc [UNTRAINED]"]
     assert labels.visible and not heat.visible
+    from qtpy.QtGui import QColor
+
+    for r in range(3):  # each class's row in the colour its label is drawn
+        img = widget._table.native.item(r, 0).icon().pixmap(12, 12).toImage()
+        c = QColor(img.pixel(6, 6))
+        rgba = np.asarray(labels.colormap.map(np.array([r + 1]))).reshape(-1)
+        assert (c.red(), c.green(), c.blue()) == tuple(int(round(255 * v)) for v in rgba[:3])
 
     # save to the store, write the classifier, apply it again
     widget._save_name.value = "crc"
@@ -115,10 +128,11 @@ def test_drawn_classes_train_and_show_every_layer(viewer_crc, qtbot, tmp_path) -
     np.testing.assert_allclose(widget.last_result.prediction.probs, res.prediction.probs, 1e-6)
     assert "applied crc-clf.json" in widget._accuracy.value
 
-    viewer.layers.selection.active = viewer.layers["classifier: class [UNTRAINED]"]
+    viewer.layers.selection.active = viewer.layers["classifier: class · crc [UNTRAINED]"]
     shot = tmp_path / "classifier.png"
     viewer.window.screenshot(str(shot), canvas_only=False)
     assert shot.stat().st_size > 10_000
+    assert_fits(viewer)
 
 
 def test_qupath_geojson_opens_over_the_slide_and_trains_like_the_cli(viewer_crc, tmp_path):
@@ -160,14 +174,13 @@ def test_reader_declines_other_json_and_keeps_holes(tmp_path) -> None:
     assert kwargs["metadata"]["tilescope"]["frame"] == "level0"
 
 
-def test_errors_are_worded_for_the_widget(make_napari_viewer, crc) -> None:
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("tilescope", "Tissue classifier")
-    widget.synchronous = True
+def test_errors_are_worded_for_the_widget(make_napari_viewer, crc, tmp_path) -> None:
+    viewer = shown_viewer(make_napari_viewer)
+    widget = dock(viewer, "Tissue classifier")
     widget._train.native.click()
     assert widget._status.value.startswith("error: open a slide first")
     slide = viewer.open(str(crc[0]), plugin="tilescope")[0]
-    slide.metadata["tilescope"]["store"] = str(crc[1])
+    slide.metadata["tilescope"]["store"] = str(crc[1])  # as the Embed widget records it
     widget.reset_choices()
     widget._train.native.click()
     assert "at least two classes" in widget._status.value and "--" not in widget._status.value
@@ -175,4 +188,11 @@ def test_errors_are_worded_for_the_widget(make_napari_viewer, crc) -> None:
     assert "train first" in widget._status.value
     with pytest.raises(Exception, match="type a class name"):
         widget.add_class("  ")
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text("{}")
+    widget._clf_file.value = bogus
+    widget._apply.native.click()
+    assert "not a Tilescope classifier" in widget._status.value
+    assert "--" not in widget._status.value and "press Write" in widget._status.value
     assert Path(crc[1]).exists()
+    assert_fits(viewer)

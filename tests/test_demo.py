@@ -97,7 +97,8 @@ def test_demo_in_napari_shows_heatmaps_and_search(offline_env, monkeypatch, qtbo
     assert launch(need(CMU), offline_env / "gui", None, None) == 0
     names = " ".join(seen["layers"])
     assert "CMU-1-Small-Region.svs" in names and "Tilescope query" in names
-    assert "similarity [UNTRAINED]" in names and "winning class [UNTRAINED]" in names
+    assert "similarity · CMU-1-Small-Region [UNTRAINED]" in names
+    assert "winning class · CMU-1-Small-Region [UNTRAINED]" in names
     assert any(n.startswith("p(") for n in seen["layers"])
     assert {"Prompt heatmap (tilescope)", "Region search (tilescope)"} <= set(seen["docks"])
     shot = seen["shot"][..., :3].astype(int)

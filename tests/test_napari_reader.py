@@ -43,11 +43,50 @@ def test_sample_data_via_env(make_napari_viewer, monkeypatch):
     assert viewer.layers[0].multiscale
 
 
-def test_slide_without_mpp_opens_in_pixels(make_napari_viewer):
+def test_slide_without_mpp_opens_in_pixels_and_says_where_to_give_it(make_napari_viewer):
     viewer = make_napari_viewer()
-    with pytest.warns(UserWarning, match="no pixel size"):
+    with pytest.warns(UserWarning, match="does not record its pixel size") as caught:
         layers = viewer.open(str(need(TCGA)), plugin="tilescope")
     assert tuple(layers[0].scale) == (1.0, 1.0)
+    message = str(caught[0].message)
+    assert "'slide µm/px'" in message and "--" not in message
+
+
+def test_reader_takes_a_pixel_size_for_slides_without_one(make_napari_viewer):
+    """Given (``mpp=``), or recorded in a store of this slide in the default stores folder
+    (the value given when it was embedded): the slide opens in µm."""
+    from tilescope._napari._reader import read_slides
+
+    _, kwargs, _ = read_slides(str(need(TCGA)), mpp=0.25)[0]
+    assert kwargs["scale"] == (0.25, 0.25) and kwargs["units"] == ("µm", "µm")
+    assert kwargs["metadata"]["tilescope"]["mpp"] == 0.25
+    _, kwargs, _ = read_slides(str(need(CMU)), mpp=0.25)[0]
+    assert kwargs["scale"] == pytest.approx((0.499, 0.499))  # the file's own value wins
+
+
+def test_reader_uses_the_pixel_size_given_when_embedding(make_napari_viewer, tmp_path, monkeypatch):
+    from tilescope._napari._common import get_encoder
+    from tilescope.embed import embed_slide
+    from tilescope.grid import TileGrid
+
+    stores = tmp_path / "stores"
+    monkeypatch.setenv("TILESCOPE_STORES", str(stores))
+    grid = TileGrid(target_mpp=4.0, tile_px=224)  # a few big tiles: quick
+    embed_slide(need(TCGA), stores / "tcga.zarr", encoder=get_encoder("tiny-random"), grid=grid,
+                slide_mpp=0.2525)  # fmt: skip
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(TCGA), plugin="tilescope")[0]
+    assert tuple(layer.scale) == pytest.approx((0.2525, 0.2525))
+    assert str(layer.units[0]) == "micrometer"
+
+
+def test_a_second_slide_opens_beside_the_first(make_napari_viewer):
+    viewer = make_napari_viewer()
+    first = viewer.open(str(need(CMU)), plugin="tilescope")[0]
+    second = viewer.open(str(CMU), plugin="tilescope")[0]
+    (f0, f1), (s0, s1) = (np.asarray(x.extent.world)[:, -2:] for x in (first, second))
+    assert s0[1] > f1[1] and s0[0] == pytest.approx(f0[0])  # right of it, top-aligned
+    assert s1[1] - s0[1] == pytest.approx(f1[1] - f0[1])
 
 
 @pytest.mark.parametrize("content", [b"", b"not a slide", None])

@@ -103,9 +103,9 @@ def run_headless(
     """Embed, score, search and export without a display; writes PNGs and exports to out_dir."""
     from .embed import embed_slide, store_path_for
     from .export import export_store
-    from .figures import heatmap_figure
-    from .score import PromptSet, TileGeometry, heatmap, save_scores, score_store
-    from .search import query_from_regions, search_stores, similarity
+    from .figures import score_figure, similarity_figure
+    from .score import PromptSet, save_scores, score_store
+    from .search import query_from_regions, search_stores, similarity_map
     from .store import EmbeddingStore
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,27 +118,16 @@ def run_headless(
     ps = PromptSet.parse(prompts, templates=TEMPLATES)
     scores, pooled = score_store(store, ps, encoder.encode_text, encoder.logit_scale)
     save_scores(store, "demo", scores, ps, {"pooling": pooled.method})
-    c = ps.class_names.index(pooled.label)
-    geometry = TileGeometry.from_store(store)
-    ranked = ", ".join(
-        f"{n} {v:.3f}" for n, v in sorted(pooled.scores.items(), key=lambda kv: -kv[1])
-    )
-    fig_heat = heatmap_figure(
-        slide, heatmap(scores.probs[:, c], geometry), out_dir / "heatmap.png",
-        [f"P({pooled.label}) per tile", f"slide label ({pooled.method}): {pooled.label}; {ranked}"],
-        warning=warning,
-    )  # fmt: skip
+    fig_heat = score_figure(slide, store, scores, pooled, out_dir / "heatmap.png", warning=warning)
 
-    box = query_box(store, scores.probs[:, c])
+    box = query_box(store, scores.probs[:, ps.class_names.index(pooled.label)])
     x, y, w, h = box
     query, pos, _ = query_from_regions(store, [[[x, y], [x + w, y + h]]])
     found = search_stores(query, [store_path], model=store.signature["model"], k=k,
                           exclude={store_path: pos})  # fmt: skip
-    fig_sim = heatmap_figure(
-        slide, heatmap(np.where(store.done, similarity(store.embeddings, query), np.nan),
-                       geometry), out_dir / "search.png",
-        ["cosine similarity to the query tile (cyan); top matches (green)"],
-        warning=warning, boxes=[box], marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in found],
+    fig_sim = similarity_figure(
+        slide, store, similarity_map(store, query), out_dir / "search.png", boxes=[box],
+        marks=[(m.x, m.y, m.tile_l0, m.tile_l0) for m in found], warning=warning,
     )  # fmt: skip
     exports = [
         export_store(store_path, out_dir / "export.zarr", overwrite=True),

@@ -2,15 +2,14 @@
 
 Looked up in this order: the file named by ``TILESCOPE_SAMPLE_SLIDE``; the user's cache
 (``$XDG_CACHE_HOME/tilescope`` or ``~/.cache/tilescope``); else downloaded once from the public
-OpenSlide test-data site into that cache and checked by sha256.
+OpenSlide test-data site into that cache with `pooch` (which checks the sha256 and writes the
+file only once it is complete).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 
 from .errors import TilescopeError
@@ -55,31 +54,25 @@ def sample_slide_path(*, download: bool = True, timeout: float = 30.0) -> Path:
         return cached
     if not download:
         raise TilescopeError(f"the sample slide is not cached at {cached}")
+    import pooch
+
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=cached.parent, prefix=".download-", suffix=".svs")
-    except OSError as exc:
+        got = pooch.retrieve(
+            SAMPLE_URL,
+            known_hash=f"sha256:{SAMPLE_SHA256}",
+            fname=SAMPLE_NAME,
+            path=cached.parent,
+            progressbar=False,
+            downloader=pooch.HTTPDownloader(timeout=timeout),
+        )
+    except ValueError as exc:  # pooch: the downloaded file's hash differs
         raise TilescopeError(
-            f"cannot write the sample slide's cache {cached.parent} ({exc}); set {ENV_VAR} to "
-            f"a local copy of {SAMPLE_NAME}"
+            f"downloaded {SAMPLE_URL} but it is not the expected file ({exc}); try again, or "
+            f"download it yourself and set {ENV_VAR} to its path"
         ) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SAMPLE_URL, timeout=timeout) as r:
-            for block in iter(lambda: r.read(1 << 20), b""):
-                out.write(block)
-        digest = sha256_file(tmp)
-        if digest != SAMPLE_SHA256:
-            raise TilescopeError(
-                f"downloaded {SAMPLE_URL} but its sha256 is {digest}, expected {SAMPLE_SHA256}; "
-                f"try again, or download it yourself and set {ENV_VAR} to its path"
-            )
-        os.replace(tmp, cached)  # atomic: the cache never holds a partial file
-    except OSError as exc:
+    except Exception as exc:  # requests' connection errors, OSError: offline, no space, ...
         raise TilescopeError(
             f"could not download the sample slide from {SAMPLE_URL} ({exc}). Offline? Copy "
             f"{SAMPLE_NAME} to {cached} or set {ENV_VAR} to its path"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return cached
+    return Path(got)

@@ -1,25 +1,29 @@
-"""Prompt sets, patch scores, heatmap rasters and slide-level pooling (numpy only).
+"""Prompt sets, patch scores and slide-level pooling (numpy only).
 
 The zero-shot recipe is open_clip's ``build_zero_shot_classifier``: every template x prompt of
 a class is encoded, the L2-normalised text embeddings are averaged per class and re-normalised,
 giving a (C, D) text matrix. Patch scores are then matrix products with the stored L2-normalised
 image embeddings: cosine (N, C), logits = logit_scale * cosine, probs = softmax over classes.
+
+Heatmap rasters live in `tilescope.raster`; `TileGeometry`, `Heatmap`, `heatmap` and
+`MAX_CELLS` are re-exported here so ``from tilescope.score import heatmap`` keeps working.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from .errors import GridError, PromptError, SearchError
+from .errors import PromptError, SearchError
+from .raster import MAX_CELLS, Heatmap, TileGeometry, heatmap
 
 __all__ = [
+    "MAX_CELLS",
     "Heatmap",
     "PatchScores",
     "PoolResult",
@@ -34,8 +38,6 @@ __all__ = [
     "text_matrix",
 ]
 
-#: Largest heatmap raster (cells) before `heatmap` refuses; about 200 MB of float64 work arrays.
-MAX_CELLS = 25_000_000
 #: Attention pooling's default temperature, in cosine-similarity units.
 ATTENTION_TEMPERATURE = 0.05
 _SPLIT = re.compile(r"[;|]")
@@ -200,140 +202,6 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     z = x - np.max(x, axis=axis, keepdims=True) if x.size else x
     e = np.exp(z)
     return (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32)
-
-
-# -- heatmaps -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TileGeometry:
-    """Where tiles are: grid (row, col) per tile, grid shape and tile/stride sizes.
-
-    ``tile_px``/``stride_px`` are in target pixels, ``downsample`` is level-0 px per target px,
-    ``origin_l0`` is the level-0 (x, y) of grid cell (0, 0).
-    """
-
-    grid_rc: np.ndarray
-    grid_shape: tuple[int, int]
-    tile_px: int
-    stride_px: int
-    downsample: float
-    origin_l0: tuple[float, float]
-
-    @classmethod
-    def from_store(cls, store: Any) -> TileGeometry:
-        """From an `EmbeddingStore` (its grid_rc and signature's grid and layout)."""
-        sig = store.signature
-        grid, lay = sig["grid"], sig["layout"]
-        return cls.from_layout(
-            lay,
-            grid_rc=store.grid_rc,
-            tile_px=grid["tile_px"],
-            overlap_px=grid.get("overlap_px", 0),
-        )
-
-    @classmethod
-    def from_layout(
-        cls, layout: Any, *, tile_px: int, overlap_px: int = 0, grid_rc: Any = None
-    ) -> TileGeometry:
-        """From a tile layout (object or mapping) and the grid's tile_px and overlap_px."""
-        get: Callable[[str], Any] = (
-            layout.get if isinstance(layout, Mapping) else lambda k: getattr(layout, k)
-        )
-        rc = get("grid_rc") if grid_rc is None else grid_rc
-        ox, oy = get("origin")
-        rows, cols = get("grid_shape")
-        return cls(
-            np.asarray(rc, np.int64).reshape(-1, 2),
-            (int(rows), int(cols)),
-            int(tile_px),
-            int(tile_px) - int(overlap_px),
-            float(get("downsample")),
-            (float(ox), float(oy)),
-        )
-
-
-@dataclass(frozen=True)
-class Heatmap:
-    """A raster of per-tile values; cell (i, j) covers level-0 pixels
-    ``[origin_x + j * cell_l0, +cell_l0) x [origin_y + i * cell_l0, +cell_l0)``; NaN = no tile.
-    """
-
-    raster: np.ndarray
-    cell_l0: float
-    origin_l0: tuple[float, float]
-
-    def world_scale_translate(
-        self, level0_mpp: float
-    ) -> tuple[tuple[float, float], tuple[float, float]]:
-        """napari ``scale`` and ``translate`` (row, col order, micrometres) for the raster.
-
-        napari places pixel centres at ``translate + i * scale``; a slide layer with
-        ``scale = mpp`` has level-0 pixel x centred at ``x * mpp``. A cell covering level-0
-        pixels ``[a, a + C)`` is centred at ``a + C/2 - 0.5`` level-0 px, so
-        ``scale = C * mpp`` and ``translate = (origin + C/2 - 0.5) * mpp`` per axis (y first).
-        """
-        c, (ox, oy) = self.cell_l0, self.origin_l0
-        shift = c / 2 - 0.5
-        return (c * level0_mpp, c * level0_mpp), (
-            (oy + shift) * level0_mpp,
-            (ox + shift) * level0_mpp,
-        )
-
-
-def heatmap(values: np.ndarray, geometry: TileGeometry, *, smooth_sigma: float = 0.0) -> Heatmap:
-    """Rasterise one value per tile so that tile i's cells cover exactly tile i's area.
-
-    A raster cell is ``g = gcd(tile_px, stride_px)`` target pixels (``g * downsample`` level-0
-    px); tile (r, c) covers cells ``[r*s, r*s + a) x [c*s, c*s + a)`` with ``a = tile_px / g``,
-    ``s = stride_px / g``. Where tiles overlap their values are averaged; cells no tile covers
-    (and non-finite values) are NaN. ``smooth_sigma`` (in tile strides) applies a Gaussian
-    that ignores NaN (normalised convolution) and keeps uncovered cells NaN.
-    """
-    vals = np.asarray(values, dtype=np.float64).reshape(-1)
-    rc = np.asarray(geometry.grid_rc, dtype=np.int64).reshape(-1, 2)
-    rows, cols = geometry.grid_shape
-    if len(vals) != len(rc):
-        raise GridError(f"{len(vals)} values for {len(rc)} tiles")
-    if len(rc) and (rc.min() < 0 or rc[:, 0].max() >= rows or rc[:, 1].max() >= cols):
-        raise GridError(f"grid_rc lies outside the grid shape {geometry.grid_shape}")
-    g = math.gcd(geometry.tile_px, geometry.stride_px)
-    a, s = geometry.tile_px // g, geometry.stride_px // g
-    h, w = ((rows - 1) * s + a, (cols - 1) * s + a) if rows and cols else (0, 0)
-    if h * w > MAX_CELLS:
-        raise GridError(
-            f"heatmap would need {h}x{w} cells because tile {geometry.tile_px} px and stride "
-            f"{geometry.stride_px} px share only a factor {g}; pick an overlap that keeps a "
-            "large common factor (e.g. 0, 32, 56 or 112 px for 224 px tiles)"
-        )
-    ok = np.isfinite(vals)
-    total, count = np.zeros((h, w)), np.zeros((h, w))
-    np.add.at(total, (rc[ok, 0] * s, rc[ok, 1] * s), vals[ok])
-    np.add.at(count, (rc[ok, 0] * s, rc[ok, 1] * s), 1.0)
-    total, count = _box(_box(total, a, 0), a, 1), _box(_box(count, a, 0), a, 1)
-    covered = count > 0.5
-    raster = np.full((h, w), np.nan)
-    raster[covered] = total[covered] / count[covered]
-    if smooth_sigma > 0 and covered.any():
-        from scipy.ndimage import gaussian_filter
-
-        sigma = smooth_sigma * s
-        num = gaussian_filter(np.where(covered, raster, 0.0), sigma, mode="constant")
-        den = gaussian_filter(covered.astype(np.float64), sigma, mode="constant")
-        raster[covered] = num[covered] / den[covered]
-    return Heatmap(raster.astype(np.float32), g * geometry.downsample, geometry.origin_l0)
-
-
-def _box(x: np.ndarray, a: int, axis: int) -> np.ndarray:
-    """out[i] = sum(x[i - a + 1 .. i]) along `axis` (a causal box sum of width a)."""
-    if a == 1 or x.size == 0:
-        return x
-    c = np.cumsum(x, axis=axis)
-    out = c.copy()
-    idx = [slice(None)] * 2
-    idx[axis] = slice(a, None)
-    src = [slice(None)] * 2
-    src[axis] = slice(None, -a)
-    out[tuple(idx)] -= c[tuple(src)]
-    return out
 
 
 # -- pooling ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = [
     "query_from_regions",
     "search_stores",
     "similarity",
+    "similarity_map",
     "tiles_in_shapes",
     "top_k",
 ]
@@ -241,6 +242,13 @@ def similarity(embeddings: np.ndarray, query: np.ndarray) -> np.ndarray:
     if emb.dtype != np.float32:
         emb = emb.astype(np.float32)
     return emb @ q
+
+
+def similarity_map(store: Any, query: np.ndarray) -> np.ndarray:
+    """(N,) cosine similarity of every tile of an `EmbeddingStore` to `query`, NaN for the tiles
+    not embedded (failed, or not yet): the similarity map drawn by napari and the PNGs."""
+    done = np.asarray(store.done, dtype=bool)
+    return np.where(done, similarity(store.embeddings, query), np.float32(np.nan))
 
 
 def top_k(sim: np.ndarray, k: int, exclude: Sequence[int] | np.ndarray | None = None) -> np.ndarray:

@@ -22,32 +22,24 @@ from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     Label,
     LineEdit,
     PushButton,
     Table,
 )
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QStyledItemDelegate
 
 from ..classify import Classifier, ClassifierError, predict, save_prediction, train, training_set
 from ..qupath import class_color
-from ._classify_layers import result_layers
-from ._common import (
-    notify_error,
-    notify_info,
-    open_store,
-    require_store,
-    row,
-    slide_choices,
-    start_worker,
-    untrained_suffix,
-)
+from ._classify_layers import PREFIX, result_layers
+from ._common import DockContainer, open_store, row, start_worker, swatch, untrained_suffix
 from ._geojson_reader import ROLE as QUPATH_ROLE
 from ._geojson_reader import align_to_slide, layer_regions
-from ._layers import SlideFrame, put_layers
+from ._layers import SlideFrame, label_colors, put_layers
+from ._messages import StatusLabel, compact_combo, notify_info, report_error, wrapping
+from ._slides import no_slide_error, slide_choices, watch_viewer
+from ._stores import StorePicker
 
 if TYPE_CHECKING:
     import napari
@@ -77,10 +69,11 @@ class TrainResult:
     layers: list[Any]
 
 
-class TissueClassifierWidget(Container):
+class TissueClassifierWidget(DockContainer):
     """Few-shot tissue classes from drawn or imported regions.
 
-    Parts: ``_slide``, ``_class_name`` + ``_add_class``, ``_train``, ``_auto`` (retrain on
+    Parts: ``_slide``, ``_store`` (store picker), ``_class_name`` + ``_add_class``, ``_train``,
+    ``_auto`` (retrain on
     edits), ``_table`` (class, regions, tiles, area in mm², recall), ``_accuracy``, ``_save_name`` +
     ``_save`` (scores in the store), ``_clf_file`` + ``_write`` / ``_apply`` (classifier JSON),
     ``_status``. ``synchronous = True`` runs everything inline (tests).
@@ -89,8 +82,11 @@ class TissueClassifierWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = viewer
+        watch_viewer(viewer)
         self.synchronous = False
         self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
+        compact_combo(self._slide)
+        self._store = StorePicker()
         self._class_name = LineEdit(label="class", value="tumor")
         self._class_name.tooltip = "Name of a tissue class; then draw its regions on its layer"
         self._add_class = PushButton(text="Add class")
@@ -103,7 +99,7 @@ class TissueClassifierWidget(Container):
         self._table.native.verticalHeader().setVisible(False)
         self._table.native.setItemDelegate(QStyledItemDelegate(self._table.native))  # as written
         self._table.native.setMinimumHeight(90)
-        self._accuracy = Label(value="")
+        self._accuracy = wrapping(Label(value=""))
         self._save_name = LineEdit(label="save as", value="tissue")
         self._save_name.tooltip = "Score set name in the store (heatmaps and export read it)"
         self._save = PushButton(text="Save to store")
@@ -111,18 +107,17 @@ class TissueClassifierWidget(Container):
                                   filter="*.json")  # fmt: skip
         self._write = PushButton(text="Write")
         self._apply = PushButton(text="Apply")
-        self._status = Label(value="")
-        for label in (self._status, self._accuracy):  # long lines wrap, never widen the dock
-            label.native.setWordWrap(True)
-            label.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+        self._status = StatusLabel()
         name = row(self._class_name, self._add_class, labels=True)
         name.label, self._class_name.label = "class", ""
         save = row(self._save_name, self._save, labels=True)
         save.label, self._save_name.label = "save as", ""
         clf = row(self._clf_file, self._write, self._apply, labels=True)
         clf.label, self._clf_file.label = "classifier", ""
-        self.extend([self._slide, name, row(self._train, self._auto), self._accuracy,
-                     self._table, save, clf, self._status])  # fmt: skip
+        self.extend([self._slide, self._store, name, row(self._train, self._auto),
+                     self._accuracy, self._table, save, clf, self._status])  # fmt: skip
+        self._store.on_error = self._on_error
+        self._slide.changed.connect(self._store.set_slide)
         self._add_class.changed.connect(lambda: self.add_class(self._class_name.value))
         self._train.changed.connect(self._on_train)
         self._save.changed.connect(self._on_save)
@@ -136,6 +131,7 @@ class TissueClassifierWidget(Container):
         self._timer: Any = None
         for layer in list(viewer.layers):
             self._watch(layer)
+        self._store.set_slide(self._slide.value)
 
     # -- class layers -------------------------------------------------------------------------
     def class_layers(self) -> list[Any]:
@@ -209,7 +205,7 @@ class TissueClassifierWidget(Container):
         """Level-0 regions and colours by class from every class and QuPath layer."""
         slide = self._slide.value
         if slide is None:
-            raise ClassifierError("open a slide first (File > Open, or File > Open Sample)")
+            raise no_slide_error(self._viewer)
         frame = SlideFrame.of_layer(slide)
         regions: dict[str, list[Any]] = {}
         colors: dict[str, tuple[int, int, int]] = {}
@@ -225,7 +221,10 @@ class TissueClassifierWidget(Container):
 
     def request(self, classifier: Classifier | None = None) -> TrainRequest:
         slide = self._slide.value
-        store_path = require_store(slide)
+        if slide is None:
+            raise no_slide_error(self._viewer)
+        self._store.set_slide(slide)
+        store_path = self._store.require()
         regions, colors = self.regions() if classifier is None else ({}, {})
         if classifier is None and len(regions) < 2:
             raise ClassifierError(
@@ -249,7 +248,7 @@ class TissueClassifierWidget(Container):
 
     def apply(self, result: TrainResult) -> list[Any]:
         """Put the result layers in the viewer and fill the table and the accuracy line."""
-        added = put_layers(self._viewer, result.layers, ROLE)
+        added = put_layers(self._viewer, result.layers, ROLE, result.request.frame.path)
         self.last_result = result
         clf, pred, data = result.classifier, result.prediction, result.training
         regions = data.regions_per_class() if data is not None else {}
@@ -260,6 +259,12 @@ class TissueClassifierWidget(Container):
         index = [str(i + 1) for i in range(len(cells))]  # hidden; the class is a column
         self._table.value = {"data": cells, "index": index, "columns": list(COLUMNS)}
         self._fit_columns()
+        classes = next((ly for ly in added if ly.name.startswith(f"{PREFIX}: class")), None)
+        if classes is not None:  # each class in the colour the classes layer draws it
+            for row_index, rgba in enumerate(label_colors(classes, len(clf.classes))):
+                item = self._table.native.item(row_index, 0)
+                if item is not None:
+                    item.setIcon(swatch(rgba))
         cv = clf.cv
         acc = (f"<b>accuracy {cv.accuracy:.2f}</b> (balanced {cv.balanced_accuracy:.2f}), "
                f"cross-validated by region, {cv.n_folds} folds" if cv is not None
@@ -353,5 +358,4 @@ class TissueClassifierWidget(Container):
         self._run(req)
 
     def _on_error(self, exc: BaseException) -> None:
-        self._status.value = f"error: {exc}"
-        notify_error(exc)
+        report_error(self._status, exc)

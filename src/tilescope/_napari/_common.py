@@ -1,5 +1,7 @@
-"""Shared pieces of the widgets: finding slide layers and their stores, a model cache, workers,
-messages."""
+"""Shared pieces of the widgets: a model cache, open stores, workers, a progress bar, layout.
+
+Slide layers are in `_slides`, stores in `_stores`, messages in `_messages`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from magicgui.widgets import Container
+
 if TYPE_CHECKING:
     import napari
 
@@ -21,7 +25,6 @@ _ENCODERS: dict[tuple[str, str | None], Encoder] = {}
 _ENCODER_LOCK = threading.Lock()
 
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
-DEFAULT_STORE_DIR = Path.home() / "tilescope" / "stores"
 #: Appended to the names of layers computed with an untrained model (short, fits a layer list).
 UNTRAINED_TAG = " [UNTRAINED]"
 
@@ -115,46 +118,6 @@ def open_store(path: str | Path) -> EmbeddingStore:
     return fresh
 
 
-def slide_layers(viewer: napari.Viewer) -> list[Any]:
-    """Image layers opened by Tilescope's reader (they carry the slide path in metadata)."""
-    return [ly for ly in viewer.layers if "path" in ly.metadata.get("tilescope", {})]
-
-
-def slide_choices(viewer: napari.Viewer) -> Callable[..., list[tuple[str, Any]]]:
-    """A magicgui ``choices`` callback listing `viewer`'s slide layers as (name, layer)."""
-
-    def choices(_: Any = None) -> list[tuple[str, Any]]:
-        return [(ly.name, ly) for ly in slide_layers(viewer)]
-
-    return choices
-
-
-def store_of(layer: Any) -> Path | None:
-    """The embedding store recorded on a slide layer by the Embed widget, if any."""
-    path = layer.metadata.get("tilescope", {}).get("store")
-    return Path(path) if path else None
-
-
-def require_store(layer: Any) -> Path:
-    """The store of a slide layer: the one the Embed widget recorded, else an existing store at
-    the default location; raises a `TilescopeError` saying what to do when there is none."""
-    from ..embed import store_path_for
-    from ..errors import StoreError, TilescopeError
-
-    if layer is None:
-        raise TilescopeError("open a slide first (File > Open, or File > Open Sample)")
-    path = store_of(layer)
-    if path is None:
-        guess = store_path_for(layer.metadata["tilescope"]["path"], DEFAULT_STORE_DIR)
-        if not guess.exists():
-            raise StoreError(
-                f"{layer.name}: no embeddings yet; run 'Embed slide' on it first "
-                "(Plugins > Tilescope > Embed slide)"
-            )
-        path = guess
-    return path
-
-
 def camera_of(viewer: napari.Viewer) -> Any:
     """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
@@ -168,6 +131,16 @@ def row(*widgets: Any, labels: bool = False) -> Any:
     line = Container(widgets=list(widgets), layout="horizontal", labels=labels)
     line.margins = (0, 0, 0, 0)
     return line
+
+
+def swatch(rgba: Any, size: int = 12) -> Any:
+    """A small square icon of colour `rgba` (0..1), for a class's row in a table."""
+    from qtpy.QtGui import QColor, QIcon, QPixmap
+
+    pix = QPixmap(size, size)
+    red, green, blue = (int(round(255 * float(v))) for v in list(rgba)[:3])
+    pix.fill(QColor(red, green, blue))
+    return QIcon(pix)
 
 
 def untrained_suffix(trained: bool) -> str:
@@ -218,23 +191,116 @@ def start_worker(
     return create_worker(func, *args, _connect=connect, _start_thread=True)
 
 
-def notify_error(exc: BaseException) -> None:
-    """Show an error as a napari notification with its reason (no traceback dialog)."""
-    from napari.utils.notifications import show_error
+class RunProgress:
+    """One run's bar in napari's activity panel (``napari.utils.progress``), safe against
+    re-entry: updating a bar processes Qt events, so the run may end (and `close` be called)
+    while an update is under way; a closed bar ignores every later report.
 
-    from ..errors import TilescopeError
+    The bar counts tiles from where the run starts (``initial``: a resumed store starts at its
+    tiles already done), so its rate and ETA are this run's, never the resumed count divided by
+    a few milliseconds.
+    """
 
-    reason = str(exc) if isinstance(exc, TilescopeError) else f"{type(exc).__name__}: {exc}"
-    show_error(f"Tilescope: {reason}")
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+        self.closed = False
+
+    def update(self, done: int, total: int, desc: str | None = None) -> None:
+        """Set the bar to `done` of `total` through napari's own API (``update`` emits the
+        value event the activity panel listens to; setting ``n`` does not)."""
+        if self.closed:
+            return
+        if self.bar is None:
+            from napari.utils import progress
+
+            bar = progress(total=max(int(total), 1), desc=self.desc, initial=int(done),
+                           unit="tile")  # fmt: skip
+            if self.closed:  # the run ended while the bar was being made
+                bar.close()
+                return
+            self.bar = bar
+        bar = self.bar
+        if bar.total != max(int(total), 1):
+            bar.total = max(int(total), 1)
+        if desc is not None and desc != self.desc:
+            self.desc = desc
+            bar.set_description(desc)
+        if not self.closed and int(done) != bar.n:
+            bar.update(int(done) - bar.n)
+
+    def close(self) -> None:
+        self.closed = True
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            bar.close()
 
 
-def notify_info(message: str) -> None:
-    from napari.utils.notifications import show_info
+class DockContainer(Container):
+    """A magicgui Container that scrolls inside its napari dock, and joins the other Tilescope
+    docks as a tab.
 
-    show_info(f"Tilescope: {message}")
+    napari docks a magicgui widget's ``native`` (the widget holding the layout), which drops
+    magicgui's scroll area: every dock then insists on its full height, and five docks grow the
+    window past the screen. Here ``native`` is the scroll area itself, so a dock can be shorter
+    than its content and scrolls; the scroll area is as wide as the content (never clipped).
+    Docked beside another Tilescope dock (the Plugins menu adds each below the last), it becomes
+    a tab of that dock: all widgets open together fit any window and each has the full height.
+    """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(scrollable=True, **kwargs)
+        from qtpy.QtCore import QObject
+        from qtpy.QtWidgets import QFrame
 
-def notify_warning(message: str) -> None:
-    from napari.utils.notifications import show_warning
+        scroll = self.root_native_widget
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        inner = scroll.widget()
+        inner.layout().addStretch(1)  # rows keep their height; the room left goes below them
 
-    show_warning(f"Tilescope: {message}")
+        owner = self
+
+        class _Watch(QObject):
+            def eventFilter(self, obj: Any, event: Any) -> bool:
+                from qtpy.QtCore import QEvent, QTimer
+
+                if obj is inner and event.type() == QEvent.Type.LayoutRequest:
+                    # the scroll area is as wide as its content needs (never clipped)
+                    bar = scroll.verticalScrollBar().sizeHint().width()
+                    scroll.setMinimumWidth(inner.minimumSizeHint().width() + bar + 2)
+                elif obj is scroll and event.type() == QEvent.Type.ParentChange:
+                    QTimer.singleShot(0, owner._join_tilescope_tabs)  # once napari placed it
+                return False
+
+        self._dock_filter = _Watch(scroll)
+        inner.installEventFilter(self._dock_filter)
+        scroll.installEventFilter(self._dock_filter)
+
+    @property
+    def native(self) -> Any:
+        return self.root_native_widget
+
+    def _join_tilescope_tabs(self) -> None:
+        try:
+            self._tabify()
+        except RuntimeError:  # the dock (or the window) was deleted meanwhile: nothing to join
+            return
+
+    def _tabify(self) -> None:
+        from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+        dock = self.root_native_widget.parent()
+        main = dock.parent() if isinstance(dock, QDockWidget) else None
+        if not isinstance(main, QMainWindow) or dock.isFloating():
+            return
+        area = main.dockWidgetArea(dock)
+        others = [
+            d for d in main.findChildren(QDockWidget)
+            if d is not dock and d.isVisible() and not d.isFloating()
+            and main.dockWidgetArea(d) == area
+            and isinstance(getattr(d.widget(), "_magic_widget", None), DockContainer)
+        ]  # fmt: skip
+        if others and not main.tabifiedDockWidgets(dock):
+            main.tabifyDockWidget(others[-1], dock)
+            dock.show()
+            dock.raise_()

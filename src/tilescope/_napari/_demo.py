@@ -12,8 +12,9 @@ from typing import Any
 from ..demo import DEFAULT_PROMPTS, TEMPLATES, demo_encoder, query_box, untrained_notice
 from ..embed import embed_slide, store_path_for
 from ..models import DEFAULT_MODEL
-from ._common import _preload_triton, notify_warning, open_store, register_encoder
+from ._common import _preload_triton, open_store, register_encoder
 from ._layers import SlideFrame
+from ._messages import notify_warning
 from ._reader import read_slides
 
 PLUGIN = "tilescope"
@@ -61,6 +62,22 @@ def show_search(
     return widget
 
 
+def _show_heatmap_first(viewer: Any, heat: Any, search: Any) -> None:
+    """The winning class of every tile (in the colours of the score table) under the query and
+    its matches; the heatmaps and the similarity map stay one click away. The Tilescope docks
+    are tabs of one dock: the heatmaps' in front (once Qt has placed the docks)."""
+    from qtpy.QtCore import QTimer
+
+    for layer in viewer.layers:
+        meta = layer.metadata.get("tilescope", {})
+        if meta.get("role") in ("prompt-heatmap", "region-search") and "local" in meta:
+            if layer.name.startswith("winning class"):
+                layer.visible = True
+            elif getattr(layer, "colorbar", None) is not None:  # heatmaps, similarity
+                layer.visible = layer.colorbar.visible = False
+    QTimer.singleShot(0, heat.native.parent().raise_)
+
+
 def _demo_query(store_path: Path, encoder: Any) -> tuple[int, int, int, int]:
     """The demo's query: the tile most typical of the slide label (as in the headless demo)."""
     from ..score import PromptSet, score_store
@@ -74,24 +91,23 @@ def _demo_query(store_path: Path, encoder: Any) -> tuple[int, int, int, int]:
 def launch(slide: Path, out: Path, model: str | None, device: str | None) -> int:
     """Embed `slide` into `out`, open napari with heatmaps and a search; blocks until closed."""
     import napari
-    from tqdm import tqdm
+
+    from ..cli._common import ProgressBar
 
     _preload_triton()  # before torch: see _common._preload_triton
     encoder = demo_encoder(model, device)
     store_path = store_path_for(slide, out)
-    with tqdm(desc=f"embedding {slide.name}", unit="patch") as bar:
-
-        def progress(p: Any) -> None:
-            bar.total, bar.n = p.total, p.done
-            bar.refresh()
-
-        embed_slide(slide, store_path, encoder=encoder, progress=progress)
+    bar = ProgressBar(f"embedding {slide.name}")  # the CLI's terminal bar (this run's rate)
+    try:
+        embed_slide(slide, store_path, encoder=encoder, progress=bar.update)
+    finally:
+        bar.close()
     viewer = napari.Viewer(title="Tilescope demo" + ("" if encoder.trained else " [UNTRAINED]"))
     viewer.window.add_plugin_dock_widget(PLUGIN, "Export embeddings")
-    # tabified with Export; the tab added last is the one in front
     _, embed = viewer.window.add_plugin_dock_widget(PLUGIN, "Embed slide", tabify=True)
-    show_heatmaps(viewer, slide, store_path, encoder)
-    show_search(viewer, slide, store_path, _demo_query(store_path, encoder))
+    heat = show_heatmaps(viewer, slide, store_path, encoder)
+    search = show_search(viewer, slide, store_path, _demo_query(store_path, encoder))
+    _show_heatmap_first(viewer, heat, search)
     embed._out_dir.value = out  # embedding again from the widget reuses the demo's store
     embed._model.value = "biomedclip" if encoder.model_id == DEFAULT_MODEL else encoder.model_id
     viewer.reset_view()  # the whole slide with the matches (Next/Previous zoom in)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,28 +12,29 @@ from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
     PushButton,
     SpinBox,
 )
 
-from ..embed import EmbedProgress, EmbedResult, iter_embed_slide, store_path_for
+from ..catalog import default_store_dir, store_path_for
+from ..embed import EmbedProgress, EmbedResult, iter_embed_slide
+from ..errors import MissingMppError, ModelError
 from ..grid import TileGrid
 from ._common import (
-    DEFAULT_STORE_DIR,
     DEVICE_CHOICES,
+    DockContainer,
+    RunProgress,
     get_encoder,
-    notify_error,
-    notify_info,
-    slide_choices,
-    slide_layers,
+    row,
     start_worker,
     untrained_suffix,
 )
+from ._messages import StatusLabel, compact_combo, notify_info, report_error
+from ._slides import no_slide_error, set_slide_mpp, slide_choices, slide_layers, watch_viewer
+from ._stores import remember_folder, stores_changed
 
 if TYPE_CHECKING:
     import napari
@@ -43,6 +44,14 @@ MODEL_TOOLTIP = (
     "an open_clip hub id (hf-hub:ORG/REPO), the path of a local snapshot folder (or "
     "local-dir:/path), or an open_clip built-in with its weights tag (ViT-B-32:laion2b_s34b_b79k)"
 )
+#: The widget's control that replaces a store made with other settings (for error messages).
+OVERWRITE = "tick 'overwrite a store made with other settings' to replace it"
+#: What Cancel waits for, by the stage the run is in.
+CANCEL_WAITS = {
+    "model": "cancelling: the run stops as soon as the model has loaded ...",
+    "tissue": "cancelling: the run stops as soon as tissue detection ends ...",
+    "embedding": "cancelling after the current batch ...",
+}
 
 
 @dataclass(frozen=True)
@@ -56,78 +65,123 @@ class EmbedRequest:
     overwrite: bool
 
 
-class EmbedWidget(Container):
+@dataclass
+class EmbedRun:
+    """One press of *Embed slide*: its cancel flag, stage and progress bar. Reports of a run
+    that has finished (or of an earlier run) are ignored."""
+
+    request: EmbedRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stage: str = "model"
+    finished: bool = False
+    bar: RunProgress = field(default_factory=lambda: RunProgress("Embedding"))
+
+
+class EmbedWidget(DockContainer):
     """Embed the chosen slide layer with BiomedCLIP (or another model) into a zarr store.
 
     An existing store for this slide and these settings is reused: only missing tiles are
-    embedded. Cancel stops after the batch in flight and keeps everything written.
+    embedded. Cancel stops after the batch in flight (or as soon as the model load or the
+    tissue detection returns) and keeps everything written.
     Set ``synchronous = True`` to run the button inline (tests).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = viewer
+        watch_viewer(viewer)
         self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
+        compact_combo(self._slide)
         # a free-text field: any model load_encoder takes (a combo box offers only a fixed list)
         self._model = LineEdit(label="model", value="biomedclip", tooltip=MODEL_TOOLTIP)
         self._mpp = FloatSpinBox(label="µm / px", value=0.5, min=0.05, max=32.0, step=0.05)
+        self._mpp.tooltip = "Resolution of the tiles (0.5 µm/px is about 20x)"
         self._tile = SpinBox(label="tile px", value=224, min=16, max=4096)
         self._overlap = SpinBox(label="overlap px", value=0, min=0, max=4095)
         self._slide_mpp = FloatSpinBox(
             label="slide µm/px", value=0.0, min=0.0, max=100.0, step=0.001,
-            tooltip="Override the slide's own pixel size; 0 = use the file's value",
+            tooltip="The slide's own pixel size, for slides that do not record it (0 = the "
+            "file's value); the slide is then shown in µm beside the others",
         )  # fmt: skip
         self._device = ComboBox(label="device", choices=DEVICE_CHOICES, value="auto")
         self._out_dir = FileEdit(
-            label="stores", mode=FileDialogMode.EXISTING_DIRECTORY, value=DEFAULT_STORE_DIR
+            label="stores", mode=FileDialogMode.EXISTING_DIRECTORY, value=default_store_dir()
         )
+        self._out_dir.tooltip = "Folder of the embedding stores (the other widgets look there)"
         self._overwrite = CheckBox(text="overwrite a store made with other settings")
         self._run = PushButton(text="Embed slide")
         self._cancel = PushButton(text="Cancel", enabled=False)
-        self._status = Label(value="")
+        self._status = StatusLabel()
         self.extend(
             [self._slide, self._model, self._mpp, self._tile, self._overlap, self._slide_mpp,
-             self._device, self._out_dir, self._overwrite, self._run, self._cancel, self._status]
+             self._device, self._out_dir, self._overwrite, row(self._run, self._cancel),
+             self._status]
         )  # fmt: skip
         self._run.changed.connect(self._on_run)
         self._cancel.changed.connect(self._on_cancel)
+        self._slide.changed.connect(self._on_slide)
+        self._slide_mpp.changed.connect(self._on_slide_mpp)
+        self._out_dir.changed.connect(lambda v: remember_folder(v) if str(v) else None)
         viewer.layers.events.inserted.connect(self._slide.reset_choices)
         viewer.layers.events.removed.connect(self._slide.reset_choices)
-        self._cancel_event = threading.Event()
         self._worker: Any = None
-        self._pbar: Any = None
+        self._active: EmbedRun | None = None
         self.synchronous = False  # run the button inline (tests)
         self.last_result: EmbedResult | None = None
+        self._on_slide()
+
+    # -- the slide's pixel size ----------------------------------------------------------------
+    def _on_slide(self, _: Any = None) -> None:
+        """Show the pixel size the user gave this slide (if it records none)."""
+        layer = self._slide.value
+        if layer is None:
+            return
+        meta = layer.metadata["tilescope"]
+        given = meta.get("mpp") if meta.get("info", {}).get("mpp_source") != "slide" else None
+        self._slide_mpp.value = float(given or 0.0)
+
+    def _on_slide_mpp(self, value: float) -> None:
+        layer = self._slide.value
+        if layer is not None and value > 0:
+            set_slide_mpp(self._viewer, layer, float(value))
 
     # -- the work, usable synchronously in tests ---------------------------------------------
     def request(self) -> EmbedRequest:
+        """What to embed, checked before anything is loaded (a typo fails at once)."""
         layer = self._slide.value
         if layer is None:
-            from ..errors import TilescopeError
-
-            raise TilescopeError("open a slide first (File > Open, or File > Open Sample)")
-        slide_path = Path(layer.metadata["tilescope"]["path"])
+            raise no_slide_error(self._viewer)
+        meta = layer.metadata["tilescope"]
+        slide_path = Path(meta["path"])
         model = str(self._model.value).strip()
         if not model:
-            from ..errors import ModelError
-
             raise ModelError("type a model: biomedclip, tiny-random, hf-hub:ORG/REPO or a folder")
+        slide_mpp = float(self._slide_mpp.value) or None
+        has_own = meta.get("info", {}).get("mpp_source") == "slide"
+        if slide_mpp is None and not has_own:
+            raise MissingMppError(slide_path, "the slide does not record its pixel size")
         tile = int(self._tile.value)
+        grid = TileGrid(
+            target_mpp=float(self._mpp.value), tile_px=tile, overlap_px=int(self._overlap.value)
+        )
+        out_dir = Path(str(self._out_dir.value)).expanduser()
         return EmbedRequest(
             slide_path=slide_path,
-            store_path=store_path_for(slide_path, str(self._out_dir.value)),
+            store_path=store_path_for(slide_path, out_dir),
             model=model,
             device=None if self._device.value == "auto" else str(self._device.value),
-            grid=TileGrid(
-                target_mpp=float(self._mpp.value), tile_px=tile, overlap_px=int(self._overlap.value)
-            ),
-            slide_mpp=float(self._slide_mpp.value) or None,
+            grid=grid,
+            slide_mpp=slide_mpp,
             overwrite=bool(self._overwrite.value),
         )
 
-    def job(self, req: EmbedRequest) -> Generator[EmbedProgress, None, EmbedResult | None]:
-        """Load the model, then embed; stops between batches when Cancel is pressed."""
+    def job(self, run: EmbedRun) -> Generator[Any, None, EmbedResult | None]:
+        """Load the model, then embed; Cancel stops between batches, or as soon as the model
+        load or the tissue detection returns."""
+        req = run.request
         encoder = get_encoder(req.model, req.device)
+        if run.cancel.is_set():
+            return None
         req.store_path.parent.mkdir(parents=True, exist_ok=True)
         gen = iter_embed_slide(
             req.slide_path, req.store_path, encoder=encoder, grid=req.grid,
@@ -135,80 +189,94 @@ class EmbedWidget(Container):
             batch_size=64 if encoder.device.type == "cuda" else 16,
         )  # fmt: skip
         try:
-            while not self._cancel_event.is_set():
-                yield next(gen)
+            while True:
+                report = next(gen)  # tissue detection runs inside the second next()
+                yield report
+                if run.cancel.is_set():
+                    return None
         except StopIteration as stop:
             return stop.value
         finally:
             gen.close()
-        return None
 
     # -- Qt side ------------------------------------------------------------------------------
-    def _on_run(self) -> None:
+    def _on_run(self, _: Any = None) -> None:
         try:
             req = self.request()
         except Exception as exc:  # a clear message, never a traceback dialog
-            self._on_error(exc)
+            report_error(self._status, exc, OVERWRITE)
             return
-        self._cancel_event.clear()
-        self._set_running(True, f"loading {req.model} ...")
+        remember_folder(req.store_path.parent)
+        run = self._active = EmbedRun(req)
+        run.bar = RunProgress(f"Embedding {req.slide_path.name}")
+        self._set_running(True)
+        self._status.value = f"loading the model {req.model} ..."
         self._worker = start_worker(
-            self.job, req, yielded=self._on_progress,
-            returned=lambda result: self._on_done(req, result), errored=self._on_error,
-            finished=lambda: self._set_running(False), sync=self.synchronous,
+            self.job, run, yielded=lambda p: self._on_progress(run, p),
+            returned=lambda result: self._on_done(run, result),
+            errored=lambda exc: self._on_error(run, exc),
+            finished=lambda: self._on_finished(run), sync=self.synchronous,
         )  # fmt: skip
 
-    def _on_cancel(self) -> None:
-        self._cancel_event.set()
-        self._status.value = "cancelling after the current batch ..."
+    def _on_cancel(self, _: Any = None) -> None:
+        run = self._active
+        if run is None or run.finished:
+            return
+        run.cancel.set()
+        self._cancel.enabled = False
+        self._status.value = CANCEL_WAITS.get(run.stage, CANCEL_WAITS["embedding"])
 
-    def _on_progress(self, p: EmbedProgress) -> None:
-        from napari.utils import progress
-
+    def _on_progress(self, run: EmbedRun, p: EmbedProgress) -> None:
+        if run.finished or run is not self._active:
+            return  # a late report: the final status stays
+        run.stage = "tissue" if p.stage == "tissue" else "embedding"
+        if run.cancel.is_set():
+            return  # "cancelling ..." stays until the run stops
         if p.stage == "tissue":
             self._status.value = f"{p.slide}: finding tissue ..."
             return
-        if self._cancel.enabled is False:  # a late report after the run ended
-            return
-        if self._pbar is None:
-            self._pbar = progress(total=max(p.total, 1), desc=f"Embedding {p.slide}")
+        rate = f", {p.rate:.1f} tiles/s" if p.rate > 0 else ""
         eta = f", ETA {p.eta:.0f} s" if p.eta is not None and p.done < p.total else ""
-        self._status.value = f"{p.done}/{p.total} tiles, {p.rate:.1f} patches/s{eta}"
-        pbar = self._pbar  # updating the bar processes Qt events, which may end the run
-        pbar.n = p.done
-        pbar.set_description(f"Embedding {p.slide} ({p.rate:.1f} patches/s{eta})")
-        pbar.refresh()
+        self._status.value = f"{p.done}/{p.total} tiles{rate}{eta}"
+        run.bar.update(p.done, p.total)  # may process Qt events: the run may end in there
 
-    def _on_done(self, req: EmbedRequest, result: EmbedResult | None) -> None:
-        self._set_running(False)
-        self._close_pbar()
+    def _finish(self, run: EmbedRun) -> bool:
+        """Mark `run` finished; False if it already was (or is not the current run)."""
+        if run.finished:
+            return False
+        run.finished = True
+        run.bar.close()
+        if run is self._active:
+            self._set_running(False)
+        return run is self._active
+
+    def _on_done(self, run: EmbedRun, result: EmbedResult | None) -> None:
+        if not self._finish(run):
+            return
         if result is None:
             self._status.value = "cancelled; tiles done so far are kept, Embed again resumes"
             return
         self.last_result = result
         for layer in slide_layers(self._viewer):
-            if Path(layer.metadata["tilescope"]["path"]) == req.slide_path:
+            if Path(layer.metadata["tilescope"]["path"]) == run.request.slide_path:
                 layer.metadata["tilescope"]["store"] = str(result.store_path)
+        stores_changed()
         note = untrained_suffix(result.trained_model)
-        msg = f"{result.n_tiles} tiles in {result.store_path.name}{note}"
+        state = "complete" if result.complete else "partial"
+        msg = f"{result.n_tiles} tiles in {result.store_path.name} ({state}){note}"
         if result.failed:
             msg += f"; {len(result.failed)} tiles failed to read (recorded in the store)"
         self._status.value = msg
         notify_info(msg)
 
-    def _on_error(self, exc: BaseException) -> None:
-        self._set_running(False)
-        self._close_pbar()
-        self._status.value = f"error: {exc}"
-        notify_error(exc)
+    def _on_error(self, run: EmbedRun, exc: BaseException) -> None:
+        if not self._finish(run):
+            return
+        report_error(self._status, exc, OVERWRITE)
 
-    def _set_running(self, running: bool, message: str | None = None) -> None:
+    def _on_finished(self, run: EmbedRun) -> None:
+        self._finish(run)  # a run that ended without result or error (worker quit)
+
+    def _set_running(self, running: bool) -> None:
         self._run.enabled = not running
         self._cancel.enabled = running
-        if message is not None:
-            self._status.value = message
-
-    def _close_pbar(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None

@@ -7,16 +7,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.types import FileDialogMode
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton
 
-from ..errors import TilescopeError
 from ..export import export_store
-from ._common import notify_error, notify_info, require_store, slide_choices, start_worker
+from ._common import DockContainer, start_worker
+from ._messages import StatusLabel, compact_combo, notify_info, report_error
+from ._slides import no_slide_error, slide_choices, watch_viewer
+from ._stores import StorePicker
 
 if TYPE_CHECKING:
     import napari
 
 SUFFIX = {"zarr": ".zarr", "geojson": ".geojson"}
+#: The widget's control that replaces an existing output (for error messages).
+OVERWRITE = "tick 'overwrite an existing output' to replace it"
 
 
 @dataclass(frozen=True)
@@ -29,37 +33,44 @@ class ExportRequest:
     overwrite: bool = False
 
 
-class ExportWidget(Container):
+class ExportWidget(DockContainer):
     """Export the embeddings (and saved scores) of the chosen slide for other tools.
 
-    Parts: ``_slide``, ``_out``, ``_dtype``, ``_format``, ``_scores``, ``_overwrite``, ``_run``,
-    ``_status``. ``synchronous = True`` runs the button inline (tests).
+    Parts: ``_slide``, ``_store`` (store picker), ``_out``, ``_dtype``, ``_format``,
+    ``_scores``, ``_overwrite``, ``_run``, ``_status``. ``synchronous = True`` runs the button
+    inline (tests).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = viewer
+        watch_viewer(viewer)
         self.synchronous = False
         self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
+        compact_combo(self._slide)
+        self._store = StorePicker()
         self._format = ComboBox(label="format", choices=["zarr", "geojson"], value="zarr")
         self._dtype = ComboBox(label="dtype", choices=["float16", "float32"], value="float16")
         self._out = FileEdit(label="output", mode=FileDialogMode.OPTIONAL_FILE)
         self._scores = CheckBox(text="include saved scores", value=True)
         self._overwrite = CheckBox(text="overwrite an existing output")
         self._run = PushButton(text="Export")
-        self._status = Label(value="")
+        self._status = StatusLabel()
         self.extend(
-            [self._slide, self._format, self._dtype, self._out, self._scores, self._overwrite,
-             self._run, self._status]
+            [self._slide, self._store, self._format, self._dtype, self._out, self._scores,
+             self._overwrite, self._run, self._status]
         )  # fmt: skip
         self._suggested: Path | None = None
+        self._store.on_error = self._on_error
         self._run.changed.connect(self._on_run)
-        self._slide.changed.connect(self._suggest_out)
+        self._slide.changed.connect(self._store.set_slide)
+        self._store.changed.connect(self._suggest_out)
         self._format.changed.connect(self._suggest_out)
         self._format.changed.connect(self._sync_enabled)
         viewer.layers.events.inserted.connect(self._slide.reset_choices)
         viewer.layers.events.removed.connect(self._slide.reset_choices)
         self.last_output: Path | None = None
+        self._store.set_slide(self._slide.value)
         self._suggest_out()
 
     def _sync_enabled(self, _: Any = None) -> None:
@@ -72,9 +83,8 @@ class ExportWidget(Container):
             if current.suffix in SUFFIX.values():  # keep the user's path, follow the format
                 self._out.value = current.with_suffix(SUFFIX[str(self._format.value)])
             return
-        try:
-            store = require_store(self._slide.value)
-        except TilescopeError:
+        store = self._store.value
+        if store is None:
             return
         stem = store.name.removesuffix(".zarr")  # in a subfolder: not taken for a store when
         exports = store.parent / "exports"  # the stores' folder is searched
@@ -83,7 +93,10 @@ class ExportWidget(Container):
 
     # -- the work, usable synchronously in tests ---------------------------------------------
     def request(self) -> ExportRequest:
-        store = require_store(self._slide.value)
+        if self._slide.value is None:
+            raise no_slide_error(self._viewer)
+        self._store.set_slide(self._slide.value)
+        store = self._store.require()
         if self._out.value is None or str(self._out.value) in ("", "."):
             self._suggest_out()
         out = Path(str(self._out.value))
@@ -118,5 +131,4 @@ class ExportWidget(Container):
         )  # fmt: skip
 
     def _on_error(self, exc: BaseException) -> None:
-        self._status.value = f"error: {exc}"
-        notify_error(exc)
+        report_error(self._status, exc, OVERWRITE)

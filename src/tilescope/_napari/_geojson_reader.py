@@ -8,10 +8,11 @@ so that `layer_regions` can subtract it again. Features per shape: ``class``
 ``object_type``, ``hole``. Edge colours are the QuPath class colours.
 
 GeoJSON coordinates are level-0 pixels. The layer holds them as (row, col) = (y, x) level-0
-corner coordinates and is placed over a Tilescope slide layer with that layer's scale and
-``translate - scale / 2`` (so level-0 corner u sits at ``translate + (u - 0.5) * scale``,
-exactly where the slide draws it). When no slide is open yet, it stays in level-0 pixels and
-`align_to_slide` places it later (the Tissue classifier widget does this).
+corner coordinates and is placed over a Tilescope slide layer with that layer's transform and a
+local offset of half a pixel (level-0 corner u is the slide's data index u - 0.5), so it sits
+exactly where the slide draws it, and follows the slide when it moves. When no slide is open
+yet, it stays in level-0 pixels and `align_to_slide` places it later (the Tissue classifier
+widget does this).
 """
 
 from __future__ import annotations
@@ -96,20 +97,25 @@ def geojson_layer_data(path: str | Path, *, slide: Any = None) -> LayerData:
     }
     if slide is not None:
         kwargs.update(_placement(slide))
-        kwargs["metadata"]["tilescope"]["frame"] = "slide"
-        kwargs["metadata"]["tilescope"]["slide"] = slide.name
-        kwargs["edge_width"] = 2.0 * float(np.mean(slide.scale[-2:]))
+        kwargs["metadata"]["tilescope"].update(_on_slide(slide))
+        kwargs["edge_width"] = 2.0
     return shapes, kwargs, "shapes"
 
 
+#: Local placement over a slide: level-0 corner coordinates are slide data index + 0.5.
+_LOCAL = {"scale": [1.0, 1.0], "offset": [-0.5, -0.5]}
+
+
 def _placement(slide: Any) -> dict[str, Any]:
-    scale = np.asarray(slide.scale[-2:], dtype=float)
-    translate = np.asarray(slide.translate[-2:], dtype=float)
-    return {
-        "scale": tuple(scale),
-        "translate": tuple(translate - 0.5 * scale),
-        "units": tuple(slide.units[-2:]),
-    }
+    from ._layers import SlideFrame
+
+    return SlideFrame.of_layer(slide).place(_LOCAL["scale"], _LOCAL["offset"])
+
+
+def _on_slide(slide: Any) -> dict[str, Any]:
+    """Metadata of a layer placed over `slide` (`follow_slide` keeps it there)."""
+    path = slide.metadata.get("tilescope", {}).get("path", "")
+    return {"frame": "slide", "slide": path, "slide_layer": slide.name, "local": dict(_LOCAL)}
 
 
 def align_to_slide(layer: Any, slide: Any) -> bool:
@@ -119,11 +125,7 @@ def align_to_slide(layer: Any, slide: Any) -> bool:
         return False
     for key, value in _placement(slide).items():
         setattr(layer, key, value)
-    layer.edge_width = 2.0 * float(np.mean(slide.scale[-2:]))
-    layer.metadata = {
-        **layer.metadata,
-        "tilescope": {**meta, "frame": "slide", "slide": slide.name},
-    }
+    layer.metadata = {**layer.metadata, "tilescope": {**meta, **_on_slide(slide)}}
     return True
 
 

@@ -1,9 +1,13 @@
 """The *Prompt heatmap* widget: type classes and prompts, see where they are on the slide.
 
 Scoring runs only the text tower on the stored embeddings (`tilescope.score`), in a worker
-thread; the result becomes one heatmap per class, a winning-class labels layer, the attention
-weights (attention pooling) and a slide-level call. Layers of the same name are updated in
-place, so re-scoring with new prompts never piles up layers.
+thread; the result becomes one heatmap per class (probability, fixed 0-1 scale), a
+winning-class labels layer, the attention weights (attention pooling) and a slide-level call.
+Layers carry the slide's name and are updated in place, so re-scoring keeps the user's
+opacity, colormap, visibility and contrast, and results of another slide stay as they are.
+
+`heatmap_layers` builds the layers from scores alone (no model, no store reading): a live view
+(heatmaps that fill in while a slide is being embedded) calls it again with new rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FloatSpinBox,
     Label,
     LineEdit,
@@ -28,27 +31,31 @@ from magicgui.widgets import (
     TextEdit,
 )
 
-from ..score import (
-    PoolResult,
-    PromptSet,
-    TileGeometry,
-    heatmap,
-    save_scores,
-    score_store,
-)
+from ..figures import ColorScale
+from ..raster import TileGeometry, heatmap
+from ..score import PatchScores, PoolResult, PromptSet, save_scores, score_store
 from ._common import (
     UNTRAINED_TAG,
+    DockContainer,
     encoder_for_store,
-    notify_error,
-    notify_warning,
     open_store,
-    require_store,
     row,
-    slide_choices,
     start_worker,
+    swatch,
     untrained_suffix,
 )
-from ._layers import LayerData, SlideFrame, heatmap_layer, labels_layer, put_layers
+from ._layers import (
+    LayerData,
+    SlideFrame,
+    heatmap_layer,
+    label_colors,
+    labels_layer,
+    put_layers,
+    result_name,
+)
+from ._messages import StatusLabel, compact_combo, notify_warning, report_error, wrapping
+from ._slides import no_slide_error, slide_choices, watch_viewer
+from ._stores import StorePicker
 
 if TYPE_CHECKING:
     import napari
@@ -95,25 +102,69 @@ class HeatmapResult:
     notes: list[str] = field(default_factory=list)
 
 
-class PromptHeatmapWidget(Container):
+def heatmap_layers(
+    scores: PatchScores,
+    pooled: PoolResult,
+    geometry: TileGeometry,
+    done: np.ndarray,
+    frame: SlideFrame,
+    *,
+    trained: bool,
+    smooth: float = 0.0,
+    meta: dict[str, Any] | None = None,
+) -> list[LayerData]:
+    """One probability heatmap per class (fixed 0-1 scale; the slide label's shown, with its
+    colour bar), the winning class (labels), and the attention weights of the slide label's
+    class (attention pooling). Tiles not in `done` are NaN (clear)."""
+    tag = "" if trained else UNTRAINED_TAG
+    meta = frame.meta(ROLE, **(meta or {}))
+    classes = list(scores.classes)
+    layers: list[LayerData] = []
+    raw = []
+    for c, name in enumerate(classes):
+        raw.append(heatmap(scores.probs[:, c], geometry))
+        hm = heatmap(scores.probs[:, c], geometry, smooth_sigma=smooth) if smooth else raw[-1]
+        shown = name == pooled.label
+        layers.append(
+            heatmap_layer(hm, frame, result_name(f"p({name})", frame, tag),
+                          ColorScale.probability(), visible=shown, colorbar=shown,
+                          metadata={**meta, "class": name})
+        )  # fmt: skip
+    win = result_name("winning class", frame, tag)
+    layers.append(labels_layer(raw, classes, frame, win, metadata=meta))
+    if pooled.attention is not None:
+        att = np.where(done, pooled.attention[:, classes.index(pooled.label)], np.nan)
+        hm = heatmap(att, geometry)
+        scale = ColorScale.stretched(hm.raster, "attention weight", "viridis")
+        name = result_name(f"attention ({pooled.label})", frame, tag)
+        layers.append(heatmap_layer(hm, frame, name, scale, visible=False,
+                                    metadata={**meta, "class": pooled.label}))  # fmt: skip
+    return layers
+
+
+class PromptHeatmapWidget(DockContainer):
     """Zero-shot heatmaps of typed classes over an embedded slide, with a slide-level label.
 
     One class per line, ``name: prompt; another prompt``; every prompt is put in every template
-    (``;``-separated, each with one ``{}``). Parts: ``_slide``, ``_prompts``, ``_templates``,
-    ``_pooling``, ``_k``, ``_temperature``, ``_smooth``, ``_live``, ``_save``, ``_save_name``,
-    ``_run``, ``_slide_label`` (slide-level call), ``_table`` (class scores), ``_status``.
-    Set ``synchronous = True`` to run button presses inline (tests).
+    (``;``-separated, each with one ``{}``). Parts: ``_slide``, ``_store`` (store picker),
+    ``_prompts``, ``_templates``, ``_pooling``, ``_k``, ``_temperature``, ``_smooth``,
+    ``_live``, ``_save``, ``_save_name``, ``_run``, ``_slide_label`` (slide-level call),
+    ``_table`` (class scores, with each class's colour), ``_legend`` (what the heatmap colours
+    mean), ``_status``. Set ``synchronous = True`` to run button presses inline (tests).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = viewer
+        watch_viewer(viewer)
         self.synchronous = False
         self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
+        compact_combo(self._slide)
+        self._store = StorePicker()
         self._prompts = TextEdit(label="classes", value=DEFAULT_PROMPTS)
         self._prompts.tooltip = "One class per line: 'name: prompt; another prompt'"
-        self._prompts.native.setMinimumHeight(84)
-        self._prompts.native.setMaximumHeight(110)
+        self._prompts.native.setMinimumHeight(72)
+        self._prompts.native.setMaximumHeight(100)
         self._templates = LineEdit(label="templates", value=DEFAULT_TEMPLATES)
         self._templates.tooltip = "Prompt templates separated by ';', each with one {}"
         self._pooling = ComboBox(label="pooling", choices=POOLING_CHOICES, value="attention")
@@ -132,26 +183,32 @@ class PromptHeatmapWidget(Container):
             tooltip="Gaussian smoothing of the heatmaps, in tile strides (0 = none)",
         )  # fmt: skip
         self._live = CheckBox(text="re-score as I type")
-        self._save = CheckBox(text="save in the store as")
+        self._save = CheckBox(text="save as")
+        self._save.tooltip = "Save the scores in the store under this name (export reads them)"
         self._save_name = LineEdit(value="prompts")
         self._run = PushButton(text="Score prompts")
-        self._slide_label = Label(value="")
+        self._slide_label = wrapping(Label(value=""))
         self._table = Table(columns=("score", "tiles won"))
         self._table.read_only = True
         self._table.native.verticalHeader().setDefaultSectionSize(20)
-        self._table.native.setMinimumHeight(104)
-        self._status = Label(value="")
+        self._table.native.setMinimumHeight(80)
+        self._table.tooltip = "Slide-level score and tiles won per class, in the class's colour"
+        self._legend = wrapping(Label(value=""))
+        self._status = StatusLabel()
         options = row(self._pooling, self._k, self._temperature, labels=True)
         options.label, self._pooling.label = "pooling", ""
         more = row(self._smooth, self._save, self._save_name, labels=True)
         more.label, self._smooth.label = "smooth", ""
         self._save.label = self._save_name.label = ""
         self.extend(
-            [self._slide, self._prompts, self._templates, options, more,
-             row(self._run, self._live), self._slide_label, self._table, self._status]
+            [self._slide, self._store, self._prompts, self._templates, options, more,
+             row(self._run, self._live), self._slide_label, self._table, self._legend,
+             self._status]
         )  # fmt: skip
+        self._store.on_error = self._on_error
         self._run.changed.connect(self._on_run)
         self._pooling.changed.connect(self._sync_enabled)
+        self._slide.changed.connect(self._store.set_slide)
         # QTextEdit.textChanged carries no value, so magicgui's `changed` never fires for it
         self._prompts.native.textChanged.connect(self._on_prompt_edit)
         self._templates.changed.connect(self._on_prompt_edit)
@@ -161,6 +218,7 @@ class PromptHeatmapWidget(Container):
         self._pending = False
         self._timer: Any = None
         self.last_result: HeatmapResult | None = None
+        self._store.set_slide(self._slide.value)
         self._sync_enabled()
 
     def _sync_enabled(self, _: Any = None) -> None:
@@ -170,9 +228,12 @@ class PromptHeatmapWidget(Container):
     # -- the work, usable synchronously in tests ---------------------------------------------
     def request(self) -> HeatmapRequest:
         layer = self._slide.value
+        if layer is None:
+            raise no_slide_error(self._viewer)
+        self._store.set_slide(layer)
         templates = [t.strip() for t in str(self._templates.value).split(";") if t.strip()]
         return HeatmapRequest(
-            store_path=require_store(layer),
+            store_path=self._store.require(),
             frame=SlideFrame.of_layer(layer),
             prompts=str(self._prompts.value),
             templates=templates or ["{}"],
@@ -199,31 +260,10 @@ class PromptHeatmapWidget(Container):
             )  # fmt: skip
         notes = [str(w.message) for w in caught]
         done = store.done
-        geometry = TileGeometry.from_store(store)
-        tag = "" if encoder.trained else UNTRAINED_TAG
-        meta = {"role": ROLE, "store": str(store.path)}
+        layers = heatmap_layers(scores, pooled, TileGeometry.from_store(store), done, req.frame,
+                                trained=bool(encoder.trained), smooth=req.smooth,
+                                meta={"store": str(store.path)})  # fmt: skip
         classes = prompts.class_names
-        layers: list[LayerData] = []
-        raw = []
-        for c, name in enumerate(classes):
-            values = scores.probs[:, c]
-            raw.append(heatmap(values, geometry))
-            hm = heatmap(values, geometry, smooth_sigma=req.smooth) if req.smooth else raw[-1]
-            layers.append(
-                heatmap_layer(
-                    hm, req.frame, f"p({name}){tag}", contrast_limits=(0.0, 1.0),
-                    visible=name == pooled.label, metadata={**meta, "class": name},
-                )
-            )  # fmt: skip
-        layers.append(labels_layer(raw, classes, req.frame, f"winning class{tag}", metadata=meta))
-        if pooled.attention is not None:
-            att = np.where(done, pooled.attention[:, classes.index(pooled.label)], np.nan)
-            layers.append(
-                heatmap_layer(
-                    heatmap(att, geometry), req.frame, f"attention ({pooled.label}){tag}",
-                    colormap="viridis", visible=False, metadata={**meta, "class": pooled.label},
-                )
-            )  # fmt: skip
         winners = np.argmax(scores.probs[done], axis=1)
         won = {name: int(np.sum(winners == c)) for c, name in enumerate(classes)}
         if req.save_as:
@@ -241,24 +281,40 @@ class PromptHeatmapWidget(Container):
 
     def apply(self, result: HeatmapResult) -> list[Any]:
         """Add or update the layers and show the slide-level call (main thread)."""
-        added = put_layers(self._viewer, result.layers, ROLE)
+        frame = result.request.frame
+        added = put_layers(self._viewer, result.layers, ROLE, frame.path)
         p = result.pooled
-        tag = untrained_suffix(result.trained)
-        self._slide_label.value = f"<b>Slide label: {p.label}</b> ({p.method} pooling){tag}"
+        note = untrained_suffix(result.trained)
+        self._slide_label.value = f"<b>Slide label: {p.label}</b> ({p.method} pooling){note}"
         self._table.value = {
             "data": [[f"{p.scores[c]:.3f}", result.tiles_won[c]] for c in result.classes],
             "index": result.classes,
             "columns": ["score", "tiles won"],
         }
+        labels = next(ly for ly in added if ly.name.startswith("winning class"))
+        self._paint_classes(label_colors(labels, len(result.classes)))
+        shown = next(ly for ly in added if ly.metadata["tilescope"].get("class") == p.label)
+        self._legend.value = (
+            f"<b>p(class)</b> heatmaps: {shown.metadata['tilescope']['legend']}. "
+            "<b>winning class</b>: the colours in the table."
+        )
         saved = f"; saved as scores/{result.request.save_as}" if result.request.save_as else ""
         self._status.value = (
-            f"{result.n_scored} tiles, {len(result.classes)} classes in "
+            f"{frame.label}: {result.n_scored} tiles, {len(result.classes)} classes in "
             f"{result.seconds:.2f} s with {result.model_label}{saved}"
         )
         for note in result.notes:
             notify_warning(note)
         self.last_result = result
         return added
+
+    def _paint_classes(self, colors: list[np.ndarray]) -> None:
+        """A swatch of each class's winning-class colour before its name in the table."""
+        table = self._table.native
+        for row_index, rgba in enumerate(colors):
+            item = table.verticalHeaderItem(row_index)
+            if item is not None:
+                item.setIcon(swatch(rgba))
 
     # -- Qt side ------------------------------------------------------------------------------
     def _on_run(self, _: Any = None) -> None:
@@ -279,8 +335,7 @@ class PromptHeatmapWidget(Container):
         )  # fmt: skip
 
     def _on_error(self, exc: BaseException) -> None:
-        self._status.value = f"error: {exc}"
-        notify_error(exc)
+        report_error(self._status, exc)
 
     def _on_finished(self) -> None:
         self._busy = False

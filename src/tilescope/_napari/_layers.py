@@ -1,37 +1,58 @@
-"""Core results as napari layer data, placed in world coordinates over their slide layer.
+"""Core results as napari layer data, placed over their slide layer, and updated in place.
 
-No Qt here and no scoring: only geometry (level-0 pixels <-> world micrometres) and the
-``(data, kwargs, layer_type)`` tuples napari's ``Viewer._add_layer_from_data`` understands,
-plus `put_layer`, which updates a layer of the same name in place instead of adding another.
+No Qt here and no scoring: only geometry (level-0 pixels <-> the slide layer's world) and the
+``(data, kwargs, layer_type)`` tuples napari's ``Layer.create`` understands, plus `put_layers`,
+which updates layers of the same name in place instead of adding others.
 
 Coordinate convention (exact)
 -----------------------------
 Core coordinates are *level-0 corner coordinates* ``u``: level-0 pixel ``i`` covers
-``[i, i + 1)``, a tile with top-left ``x`` covers ``[x, x + tile_l0)``. napari draws pixel
-``i`` of a layer *centred* at ``translate + i * scale``. For a slide layer (scale = mpp) that
-gives, per axis::
+``[i, i + 1)``, a tile with top-left ``x`` covers ``[x, x + tile_l0)``. A slide layer's data
+index ``d`` is a level-0 pixel *centre*, ``d = u - 0.5``, and napari maps data to world through
+the layer's transform: ``world = A (T + R Sh diag(s) d)`` (``scale`` s, ``translate`` T,
+``rotate`` R, ``shear`` Sh, ``affine`` A). A result layer sits in the slide's data frame with a
+local scale ``c`` and offset ``o`` (its data index ``r`` lies at slide data ``o + c r``), so its
+own transform is the slide's with ``scale = s c`` and ``translate = T + R Sh diag(s) o``: a
+heatmap cell lands exactly on its tiles whatever the slide's scale, translation, rotation, shear
+or affine, and `follow_slide` keeps it there when the slide layer is moved later.
 
-    world = translate + (u - 0.5) * scale        u = (world - translate) / scale + 0.5
-
-so a tile's world bounds are ``translate + (x - 0.5) * scale`` to
-``translate + (x + tile_l0 - 0.5) * scale`` and its centre
-``translate + (x + tile_l0 / 2 - 0.5) * scale``. Heatmaps use the core's own
-`~tilescope.score.Heatmap.world_scale_translate` at 1 µm/px (i.e. in level-0 pixel units),
-then this frame's scale and translate, so anisotropic pixels and translated slides stay exact.
+In place (`put_layer`) means new data, placement, features and metadata; the user's visibility,
+opacity, colormap, blending and contrast limits are kept (contrast limits follow new data only
+while the user has not changed them). Nothing is removed and added again: removing a layer costs
+napari a garbage collection (about 0.7 s).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
-from ..score import Heatmap
+from ..figures import ColorScale, finite_limits
+from ..raster import Heatmap, winning_class
+from ._frame import SlideFrame, result_name, slide_label
+
+__all__ = [
+    "CLASS_COLORS",
+    "LayerData",
+    "SlideFrame",
+    "class_color",
+    "finite_limits",
+    "follow_slide",
+    "heatmap_layer",
+    "labels_layer",
+    "matches_layer",
+    "put_layer",
+    "put_layers",
+    "result_name",
+    "shapes_to_world_polygons",
+    "slide_label",
+]
 
 LayerData = tuple[Any, dict[str, Any], str]
+#: Keys of a layer's placement (its transform and units), set again on every update.
+PLACEMENT_KEYS = ("scale", "translate", "rotate", "shear", "affine", "units")
 
 #: A categorical palette for winning-class labels (matplotlib's tab10), RGBA in 0..1.
 CLASS_COLORS = np.array(
@@ -50,80 +71,32 @@ CLASS_COLORS = np.array(
 )
 
 
-@dataclass(frozen=True)
-class SlideFrame:
-    """How a slide layer maps level-0 pixels to napari world coordinates (row, col order)."""
-
-    scale: tuple[float, float]
-    translate: tuple[float, float] = (0.0, 0.0)
-    units: tuple[str, str] = ("pixel", "pixel")
-
-    @classmethod
-    def of_layer(cls, layer: Any) -> SlideFrame:
-        sy, sx = (float(v) for v in layer.scale[-2:])
-        ty, tx = (float(v) for v in layer.translate[-2:])
-        uy, ux = (str(u) for u in layer.units[-2:])
-        return cls((sy, sx), (ty, tx), (uy, ux))
-
-    def world_to_l0(self, rc: np.ndarray) -> np.ndarray:
-        """(K, 2) world (row, col) -> (K, 2) level-0 corner coordinates (x, y)."""
-        rc = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
-        u = (rc - np.asarray(self.translate)) / np.asarray(self.scale) + 0.5
-        return u[:, ::-1]
-
-    def l0_to_world(self, xy: ArrayLike) -> np.ndarray:
-        """(K, 2) level-0 corner coordinates (x, y) -> (K, 2) world (row, col)."""
-        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-        return np.asarray(self.translate) + (xy[:, ::-1] - 0.5) * np.asarray(self.scale)
-
-    def tile_centres(self, xy: np.ndarray, tile_l0: float) -> np.ndarray:
-        """(N, 2) world (row, col) centres of tiles with top-left corners `xy`."""
-        return self.l0_to_world(np.asarray(xy, dtype=np.float64) + tile_l0 / 2)
-
-    def tile_rectangles(self, xy: np.ndarray, tile_l0: float) -> np.ndarray:
-        """(N, 4, 2) world (row, col) corners of tiles: top-left, top-right, bottom-right,
-        bottom-left (napari's rectangle vertex order)."""
-        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-        t = float(tile_l0)
-        offsets = np.array([[0, 0], [t, 0], [t, t], [0, t]])  # (dx, dy)
-        corners = xy[:, None, :] + offsets[None]
-        return self.l0_to_world(corners.reshape(-1, 2)).reshape(-1, 4, 2)
-
-    def placement(self, hm: Heatmap) -> dict[str, Any]:
-        """``scale`` and ``translate`` that put raster cell (i, j) exactly over its tiles."""
-        (cy, cx), (oy, ox) = hm.world_scale_translate(1.0)  # level-0 pixel-index units
-        sy, sx = self.scale
-        ty, tx = self.translate
-        return {
-            "scale": (cy * sy, cx * sx),
-            "translate": (ty + oy * sy, tx + ox * sx),
-            "units": self.units,
-        }
-
-
 def heatmap_layer(
     hm: Heatmap,
     frame: SlideFrame,
     name: str,
+    scale: ColorScale,
     *,
-    colormap: str = "inferno",
-    contrast_limits: Sequence[float] | None = None,
     opacity: float = 0.6,
     visible: bool = True,
+    colorbar: bool = False,
     metadata: dict[str, Any] | None = None,
 ) -> LayerData:
-    """A float image of the raster; NaN (no tile) draws transparent."""
-    if contrast_limits is None:
-        contrast_limits = finite_limits(hm.raster)
+    """A float image of the raster in `scale`'s colormap and range; NaN (no tile) is clear.
+
+    ``metadata["tilescope"]["legend"]`` says what the colours mean (as the PNGs do)."""
+    meta = {**(metadata or {}), "local": frame.local(hm), "legend": scale.legend(),
+            "auto_limits": list(scale.limits)}  # fmt: skip
     kwargs = {
         "name": name,
-        "colormap": colormap,
-        "contrast_limits": tuple(float(v) for v in contrast_limits),
+        "colormap": scale.colormap,
+        "contrast_limits": scale.limits,
         "opacity": opacity,
         "blending": "translucent",
         "interpolation2d": "nearest",
         "visible": visible,
-        "metadata": {"tilescope": dict(metadata or {})},
+        "metadata": {"tilescope": meta},
+        "colorbar": colorbar,  # not a napari keyword: `put_layer` shows the layer's colour bar
         **frame.placement(hm),
     }
     return hm.raster, kwargs, "image"
@@ -135,30 +108,28 @@ def labels_layer(
     frame: SlideFrame,
     name: str,
     *,
+    colors: Sequence[Any] | None = None,
     opacity: float = 0.45,
     visible: bool = False,
     metadata: dict[str, Any] | None = None,
 ) -> LayerData:
-    """Winning class per raster cell: label ``c + 1`` where class c's (averaged) value is
-    highest, 0 where no tile is. ``features`` name each label (shown when hovering)."""
-    stack = np.stack([h.raster for h in rasters])
-    covered = np.all(np.isfinite(stack), axis=0)
-    winner = np.argmax(np.where(np.isfinite(stack), stack, -np.inf), axis=0) + 1
-    data = np.where(covered, winner, 0).astype(np.uint8 if len(classes) < 255 else np.uint16)
+    """Winning class per raster cell (`tilescope.raster.winning_class`): label ``c + 1`` in
+    colour ``colors[c]`` (default `class_color`). ``features`` name each label (hover)."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    colors: dict[int | None, Any] = {0: np.zeros(4), None: np.zeros(4)}
-    colors.update({i + 1: class_color(i) for i in range(len(classes))})
+    palette = [np.asarray(c, float) for c in colors] if colors is not None else None
+    table: dict[int | None, Any] = {0: np.zeros(4), None: np.zeros(4)}
+    table.update({i + 1: palette[i] if palette else class_color(i) for i in range(len(classes))})
     kwargs = {
         "name": name,
         "opacity": opacity,
         "visible": visible,
-        "colormap": DirectLabelColormap(color_dict=colors),
+        "colormap": DirectLabelColormap(color_dict=table),
         "features": {"index": np.arange(1, len(classes) + 1), "class": list(classes)},
-        "metadata": {"tilescope": dict(metadata or {})},
+        "metadata": {"tilescope": {**(metadata or {}), "local": frame.local(rasters[0])}},
         **frame.placement(rasters[0]),
     }
-    return data, kwargs, "labels"
+    return winning_class(rasters), kwargs, "labels"
 
 
 def matches_layer(
@@ -170,21 +141,19 @@ def matches_layer(
     *,
     metadata: dict[str, Any] | None = None,
 ) -> LayerData:
-    """Rectangles of matching tiles in world coordinates, numbered by ``features["rank"]``."""
-    rects = list(frame.tile_rectangles(xy, tile_l0))
-    width = 0.04 * float(np.mean(frame.scale)) * tile_l0
+    """Rectangles of matching tiles in the slide's frame, numbered by ``features["rank"]``."""
     kwargs = {
         "name": name,
         "shape_type": "rectangle",
         "edge_color": "cyan",
         "face_color": "transparent",
-        "edge_width": width,
+        "edge_width": 0.04 * tile_l0,  # data units: level-0 pixels
         "features": features,
         "text": {"string": "{rank}", "color": "cyan", "size": 10, "anchor": "upper_left"},
-        "metadata": {"tilescope": dict(metadata or {})},
-        "units": frame.units,
+        "metadata": {"tilescope": {**(metadata or {}), "local": frame.local()}},
+        **frame.place(),
     }
-    return rects, kwargs, "shapes"
+    return list(frame.tile_rectangles(xy, tile_l0, world=False)), kwargs, "shapes"
 
 
 def shapes_to_world_polygons(layer: Any, n_ellipse: int = 64) -> list[np.ndarray]:
@@ -212,73 +181,130 @@ def class_color(i: int) -> np.ndarray:
     return CLASS_COLORS[i % len(CLASS_COLORS)]
 
 
-def finite_limits(values: np.ndarray) -> tuple[float, float]:
-    """(min, max) of the finite values, widened if they are equal; (0, 1) if there are none."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if not v.size:
-        return 0.0, 1.0
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        pad = max(abs(lo) * 0.01, 1e-6)
-        lo, hi = lo - pad, hi + pad
-    return lo, hi
+# -- putting layers in the viewer ---------------------------------------------------------------
+def _layer_class(kind: str) -> Any:
+    from napari.layers import Image, Labels, Shapes
+
+    return {"image": Image, "labels": Labels, "shapes": Shapes}[kind]
 
 
-#: Layer properties `put_layer` updates in place (everything else stays as the user set it).
-_UPDATABLE = {
-    "image": ("scale", "translate", "contrast_limits", "metadata"),
-    "labels": ("scale", "translate", "colormap", "features", "metadata"),
-    "shapes": ("features", "metadata", "edge_width"),
-}
-
-
-def put_layers(viewer: Any, layers: Sequence[LayerData], role: str) -> list[Any]:
-    """`put_layer` each of `layers`; remove earlier layers of this `role` (metadata
-    ``tilescope.role``) that are not among them; keep the user's active layer active."""
+def put_layers(viewer: Any, layers: Sequence[LayerData], role: str, slide: str) -> list[Any]:
+    """`put_layer` each of `layers`; remove earlier layers of this `role` *and slide* (metadata
+    ``tilescope.role`` / ``tilescope.slide``) that are not among them, so results of another
+    slide stay; keep the user's active layer active."""
     names = {kw["name"] for _, kw, _ in layers}
     active = viewer.layers.selection.active
     for layer in list(viewer.layers):
-        if layer.metadata.get("tilescope", {}).get("role") == role and layer.name not in names:
+        meta = layer.metadata.get("tilescope", {})
+        if meta.get("role") == role and meta.get("slide") == slide and layer.name not in names:
             viewer.layers.remove(layer)
-    added = [put_layer(viewer, ld) for ld in layers]
+    out = [put_layer(viewer, ld) for ld in layers]
     if active is not None and active in viewer.layers:
         viewer.layers.selection.active = active
-    return added
+    return out
 
 
 def put_layer(viewer: Any, layer_data: LayerData) -> Any:
-    """Add the layer, or update the one of the same name and type in place; returns it.
-
-    In place means new data, placement, contrast limits, features and metadata; the user's
-    visibility, opacity, colormap and blending choices are kept.
-    """
+    """Add the layer, or update the one of the same name and kind in place; returns it."""
     data, kwargs, kind = layer_data
+    kwargs = dict(kwargs)
+    colorbar = bool(kwargs.pop("colorbar", False))
     name = kwargs["name"]
     old = viewer.layers[name] if name in viewer.layers else None
-    if old is None or type(old).__name__.lower() != kind:
-        if old is not None:
-            viewer.layers.remove(old)
-        from napari.layers import Layer, Points, Shapes
-
-        layer = Layer.create(data, kwargs, kind)
-        index = len(viewer.layers)
-        if kind != "shapes":  # rasters go under drawn shapes and points, so those stay visible
-            while index and isinstance(viewer.layers[index - 1], (Shapes, Points)):
-                index -= 1
-        viewer.layers.insert(index, layer)
-        return layer
+    if old is not None and not isinstance(old, _layer_class(kind)):
+        viewer.layers.remove(old)  # a user's layer of another kind had the name
+        old = None
+    if old is None:
+        return _add(viewer, data, kwargs, kind, colorbar)
+    set_placement(old, kwargs)
+    new_meta = kwargs["metadata"]["tilescope"]
     if kind == "shapes":
         old.data = []  # replace every shape; text and features follow the new data
         old.add(data, shape_type=kwargs["shape_type"], edge_width=kwargs["edge_width"],
                 edge_color=kwargs["edge_color"], face_color=kwargs["face_color"])  # fmt: skip
         old.features = kwargs["features"]
         old.refresh_text()
-    else:
-        for key in ("units", "scale", "translate"):
-            setattr(old, key, kwargs[key])
+    elif kind == "labels":
+        same_classes = list(old.features.get("class", [])) == list(kwargs["features"]["class"])
         old.data = data
-    for key in _UPDATABLE[kind]:
-        if key in kwargs and key not in ("units", "scale", "translate"):
-            setattr(old, key, kwargs[key])
+        old.features = kwargs["features"]
+        if not same_classes:  # new classes: their colours (else the user's colours stay)
+            old.colormap = kwargs["colormap"]
+    else:
+        before = old.metadata.get("tilescope", {}).get("auto_limits")
+        untouched = before is not None and np.allclose(old.contrast_limits, before, atol=1e-6)
+        old.data = data
+        if untouched and not np.allclose(old.contrast_limits, kwargs["contrast_limits"]):
+            old.contrast_limits = kwargs["contrast_limits"]
+        else:  # the user's limits stay; remember ours as they were
+            new_meta = {**new_meta, "auto_limits": before}
+    old.metadata = {**old.metadata, "tilescope": new_meta}
     return old
+
+
+def set_placement(layer: Any, placement: dict[str, Any]) -> None:
+    """Set the layer's transform and units where they differ (each change makes napari
+    recompute the viewer's extent: about 10 ms a key and layer)."""
+    for key in PLACEMENT_KEYS:
+        if key not in placement:
+            continue
+        new = placement[key]
+        if key == "units":
+            if [str(u) for u in layer.units] != [_unit(u) for u in new]:
+                layer.units = new
+            continue
+        old = layer.affine.affine_matrix if key == "affine" else getattr(layer, key)
+        if np.shape(old) != np.shape(new) or not np.allclose(old, new, rtol=0, atol=1e-12):
+            setattr(layer, key, new)
+
+
+def _unit(u: str) -> str:
+    return "micrometer" if u == "µm" else str(u)
+
+
+def _add(viewer: Any, data: Any, kwargs: dict[str, Any], kind: str, colorbar: bool) -> Any:
+    from napari.layers import Layer, Points, Shapes
+
+    layer = Layer.create(data, kwargs, kind)
+    index = len(viewer.layers)
+    if kind != "shapes":  # rasters go under drawn shapes and points, so those stay visible
+        while index and isinstance(viewer.layers[index - 1], (Shapes, Points)):
+            index -= 1
+    viewer.layers.insert(index, layer)
+    if colorbar and hasattr(layer, "colorbar"):  # napari >= 0.6: a colour bar on the canvas
+        for other in viewer.layers:  # one bar at a time (the newest result's), never a row
+            if "tilescope" in other.metadata and getattr(other, "colorbar", None) is not None:
+                other.colorbar.visible = False
+        layer.colorbar.visible = True
+    return layer
+
+
+# -- results follow their slide -----------------------------------------------------------------
+_TRANSFORM_EVENTS = ("scale", "translate", "rotate", "shear", "affine")
+
+
+def follow_slide(viewer: Any, slide_layer: Any) -> None:
+    """Keep every result layer of `slide_layer` (metadata ``tilescope.slide`` = its path, with a
+    ``local`` placement) on the slide when the slide layer is moved, scaled or transformed."""
+    meta = slide_layer.metadata.get("tilescope", {})
+    if meta.get("following") or "path" not in meta:
+        return
+    meta["following"] = True
+    path = meta["path"]
+
+    def replace(_: Any = None) -> None:
+        frame = SlideFrame.of_layer(slide_layer)
+        for layer in viewer.layers:
+            m = layer.metadata.get("tilescope", {})
+            local = m.get("local")
+            if m.get("slide") != path or local is None:
+                continue
+            set_placement(layer, frame.place(local["scale"], local["offset"]))
+
+    for name in _TRANSFORM_EVENTS:
+        getattr(slide_layer.events, name).connect(replace)
+
+
+def label_colors(layer: Any, n: int) -> list[np.ndarray]:
+    """RGBA (0..1) of labels 1..n as the labels layer draws them (the user may recolour it)."""
+    return [np.asarray(layer.colormap.map(np.array([i + 1]))).reshape(-1)[:4] for i in range(n)]

@@ -3,13 +3,14 @@ on the slide, or on other embedded slides, that looks like them.
 
 The query is built by `tilescope.search` from the stored embeddings of the tiles whose centre
 lies inside the drawn shapes; the widget only turns shapes into level-0 polygons and results
-into layers (a similarity heatmap and numbered rectangles of the top matches).
+into layers (a similarity heatmap and numbered rectangles of the top matches, named after their
+slide and updated in place). *Next* / *Previous* (keys ``.`` and ``,``) step through the
+matches; a double-click on a match of another slide opens that slide and goes there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,6 @@ from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     Label,
@@ -28,37 +28,37 @@ from magicgui.widgets import (
 )
 
 from ..errors import SearchError
-from ..score import TileGeometry, heatmap
-from ..search import Match, query_from_regions, search_stores, similarity, top_k
-from ._common import (
-    UNTRAINED_TAG,
-    camera_of,
-    notify_error,
-    notify_info,
-    open_store,
-    require_store,
-    row,
-    slide_choices,
-    slide_layers,
-    start_worker,
-)
+from ..figures import ColorScale
+from ..raster import TileGeometry, heatmap
+from ..search import Match, query_from_regions, similarity_map, top_k
+from ._common import UNTRAINED_TAG, DockContainer, camera_of, open_store, row, start_worker
 from ._layers import (
     LayerData,
     SlideFrame,
-    finite_limits,
     heatmap_layer,
     matches_layer,
     put_layers,
+    result_name,
     shapes_to_world_polygons,
 )
+from ._messages import StatusLabel, compact_combo, report_error, wrapping
+from ._search_other import FOLDER_ROLE, OtherSlides
+from ._slides import (
+    no_slide_error,
+    slide_choices,
+    slide_layers,
+    watch_viewer,
+)
+from ._stores import StorePicker
 
 if TYPE_CHECKING:
     import napari
 
 QUERY_LAYER = "Tilescope query"
 NEGATIVE_LAYER = "Tilescope not like this"
-MATCHES_LAYER = "Tilescope matches"
 ROLE = "region-search"
+#: Keys that step through the matches (free in napari's default key bindings).
+NEXT_KEY, PREVIOUS_KEY = ".", ","
 
 
 @dataclass(frozen=True)
@@ -87,25 +87,30 @@ class SearchResult:
     tile_world: float  # tile side in world units
     model: dict[str, Any]
     layers: list[LayerData]
+    legend: str = ""
 
 
-class RegionSearchWidget(Container):
+class RegionSearchWidget(OtherSlides, DockContainer):
     """Find tiles that look like drawn regions, on this slide and across a folder of stores.
 
-    Parts: ``_slide``, ``_positive`` / ``_negative`` (shapes layers), ``_draw`` /
-    ``_draw_negative``, ``_neg_weight``, ``_k``, ``_exclude``, ``_search``, ``_prev``,
-    ``_next``, ``_zoom``, ``_match`` (current match), ``_folder``, ``_search_folder``,
-    ``_results`` (matches on other slides), ``_status``. ``synchronous = True`` runs button
-    presses inline (tests).
+    Parts: ``_slide``, ``_store`` (store picker), ``_positive`` / ``_negative`` (shapes
+    layers), ``_draw`` / ``_draw_negative``, ``_neg_weight``, ``_k``, ``_exclude``,
+    ``_search``, ``_prev``, ``_next``, ``_zoom``, ``_match`` (current match), ``_legend``,
+    ``_folder``, ``_search_folder``, ``_results`` (matches on other slides), ``_status``.
+    ``synchronous = True`` runs button presses inline (tests).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self._viewer = viewer
+        watch_viewer(viewer)
         self.synchronous = False
         self._slide = ComboBox(label="slide", choices=slide_choices(viewer))
+        self._store = StorePicker()
         self._positive = ComboBox(label="like this", choices=self._shape_choices)
         self._negative = ComboBox(label="not like this", choices=self._negative_choices)
+        for combo in (self._slide, self._positive, self._negative):
+            compact_combo(combo, 10)
         self._draw = PushButton(text="Draw 'like this'")
         self._draw_negative = PushButton(text="Draw 'not like this'")
         self._neg_weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=5.0, step=0.1)
@@ -114,39 +119,49 @@ class RegionSearchWidget(Container):
         self._exclude = CheckBox(text="leave query tiles out", value=True)
         self._exclude.tooltip = "Do not list the tiles of the query region among the matches"
         self._search = PushButton(text="Search this slide")
-        self._prev = PushButton(text="< Previous")
-        self._next = PushButton(text="Next >")
+        self._prev = PushButton(text=f"< Previous ({PREVIOUS_KEY})")
+        self._next = PushButton(text=f"Next ({NEXT_KEY}) >")
+        self._prev.tooltip = f"The previous match (key {PREVIOUS_KEY!r} over the canvas)"
+        self._next.tooltip = f"The next match (key {NEXT_KEY!r} over the canvas)"
         self._zoom = CheckBox(text="zoom to each match", value=True)
-        self._match = Label(value="")
+        self._match = wrapping(Label(value=""))
+        self._legend = wrapping(Label(value=""))
         self._folder = FileEdit(label="other slides", mode=FileDialogMode.EXISTING_DIRECTORY)
         self._folder.tooltip = "A folder of .zarr embedding stores made with the same model"
         self._search_folder = PushButton(text="Search other slides")
         self._results = Table(columns=("slide", "x", "y", "similarity"))
         self._results.read_only = True
+        self._results.tooltip = "Double-click a match to go there (its slide opens if needed)"
         self._results.native.verticalHeader().setDefaultSectionSize(20)
         self._results.native.setMinimumHeight(64)
-        self._status = Label(value="")
+        self._status = StatusLabel()
         negative = row(self._negative, self._neg_weight, labels=True)
         negative.label, self._negative.label = "not like this", ""
         k = row(self._k, self._zoom, labels=True)
         k.label, self._k.label, self._zoom.label = "matches", "", ""
         self.extend(
-            [self._slide, row(self._draw, self._draw_negative), self._positive, negative, k,
-             row(self._search, self._exclude), row(self._prev, self._next, self._match),
-             self._folder, self._search_folder, self._results, self._status]
+            [self._slide, self._store, row(self._draw, self._draw_negative), self._positive,
+             negative, k, row(self._search, self._exclude), row(self._prev, self._next),
+             self._match, self._legend, self._folder, self._search_folder, self._results,
+             self._status]
         )  # fmt: skip
+        self._store.on_error = self._on_error
         self._draw.changed.connect(lambda: self.draw_layer(QUERY_LAYER))
         self._draw_negative.changed.connect(lambda: self.draw_layer(NEGATIVE_LAYER))
         self._search.changed.connect(self._on_search)
         self._search_folder.changed.connect(self._on_search_folder)
         self._prev.changed.connect(lambda: self.step(-1))
         self._next.changed.connect(lambda: self.step(+1))
+        self._slide.changed.connect(self._store.set_slide)
         self._results.native.cellDoubleClicked.connect(self._on_result_clicked)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self.reset_choices)
+        viewer.bind_key(NEXT_KEY, lambda _v: self._key_step(+1), overwrite=True)
+        viewer.bind_key(PREVIOUS_KEY, lambda _v: self._key_step(-1), overwrite=True)
         self.last_result: SearchResult | None = None
         self.other_matches: list[Match] = []
         self.current = -1
+        self._store.set_slide(self._slide.value)
         if slide_layers(viewer):
             self.query_layer()
         self._step_enabled()
@@ -157,7 +172,8 @@ class RegionSearchWidget(Container):
         return [
             (ly.name, ly)
             for ly in self._viewer.layers
-            if isinstance(ly, Shapes) and ly.metadata.get("tilescope", {}).get("role") != ROLE
+            if isinstance(ly, Shapes)
+            and ly.metadata.get("tilescope", {}).get("role") not in (ROLE, FOLDER_ROLE)
         ]
 
     def _negative_choices(self, _: Any = None) -> list[tuple[str, Any]]:
@@ -170,10 +186,11 @@ class RegionSearchWidget(Container):
             return self._viewer.layers[name]
         slide = self._slide.value
         units = SlideFrame.of_layer(slide).units if slide is not None else ("pixel", "pixel")
+        width = 8.0 * (float(np.mean(slide.scale[-2:])) if slide is not None else 1.0) * 2
         negative = name == NEGATIVE_LAYER
         color = "tomato" if negative else "yellow"
         layer = self._viewer.add_shapes(
-            name=name, ndim=2, edge_color=color, face_color=[0, 0, 0, 0], edge_width=8.0,
+            name=name, ndim=2, edge_color=color, face_color=[0, 0, 0, 0], edge_width=width,
             units=units, metadata={"tilescope": {"role": "query"}},
         )  # fmt: skip
         self.reset_choices()
@@ -189,15 +206,20 @@ class RegionSearchWidget(Container):
     # -- the work, usable synchronously in tests ---------------------------------------------
     def request(self) -> SearchRequest:
         layer = self._slide.value
-        store_path = require_store(layer)
+        if layer is None:
+            raise no_slide_error(self._viewer)
+        self._store.set_slide(layer)
+        store_path = self._store.require()
         frame = SlideFrame.of_layer(layer)
         pos_layer = self._positive.value or self.query_layer()
-        positive = [frame.world_to_l0(p) for p in shapes_to_world_polygons(pos_layer)]
+        worlds = shapes_to_world_polygons(pos_layer)
+        positive = [frame.world_to_l0(p) for p in worlds]
         if not positive:
             raise SearchError(
                 f"draw a region (rectangle, polygon or ellipse) on the {pos_layer.name!r} "
                 "layer first: press 'Draw like this' and drag over the tissue you want"
             )
+        self._check_on_slide(layer, worlds)
         neg_layer = self._negative.value
         negative = (
             [frame.world_to_l0(p) for p in shapes_to_world_polygons(neg_layer)]
@@ -209,19 +231,27 @@ class RegionSearchWidget(Container):
             int(self._k.value), bool(self._exclude.value),
         )  # fmt: skip
 
+    def _check_on_slide(self, layer: Any, worlds: list[np.ndarray]) -> None:
+        """A query drawn over another slide than the chosen one: say which slide to choose."""
+        if _touches(layer, worlds):
+            return
+        for other in slide_layers(self._viewer):
+            if other.name != layer.name and _touches(other, worlds):
+                raise SearchError(f"the query region lies on {other.name}, not on {layer.name}: "
+                                  "choose that slide in 'slide'")  # fmt: skip
+
     def compute(self, req: SearchRequest) -> SearchResult:
         """Tiles under the shapes -> query -> similarity of every tile -> top matches."""
         store = open_store(req.store_path)
-        done = store.done
         query, pos, _ = query_from_regions(store, req.positive, req.negative, req.neg_weight)
-        sim = np.where(done, similarity(store.embeddings, query), np.nan)
-        skip = ~done
+        sim = similarity_map(store, query)
+        skip = ~store.done
         if req.exclude_query:
             skip[pos] = True
         top = top_k(sim, req.k, exclude=skip)
         model = store.signature["model"]
         tag = "" if model.get("trained", True) else UNTRAINED_TAG
-        meta = {"role": ROLE, "store": str(store.path)}
+        meta = req.frame.meta(ROLE, store=str(store.path))
         xy = store.coords[top]
         features = {
             "rank": np.arange(1, len(top) + 1),
@@ -231,23 +261,28 @@ class RegionSearchWidget(Container):
             "y": xy[:, 1].astype(np.int64) if len(top) else np.zeros(0, np.int64),
         }
         hm = heatmap(sim, TileGeometry.from_store(store))
+        scale = ColorScale.stretched(hm.raster)
+        f = req.frame
         layers = [
-            heatmap_layer(hm, req.frame, f"similarity{tag}", colormap="turbo",
-                          contrast_limits=finite_limits(hm.raster), metadata=meta),
-            matches_layer(xy, store.tile_l0, req.frame, features, f"{MATCHES_LAYER}{tag}",
+            heatmap_layer(hm, f, result_name("similarity", f, tag), scale, colorbar=True,
+                          metadata=meta),
+            matches_layer(xy, store.tile_l0, f, features, result_name("matches", f, tag),
                           metadata=meta),
         ]  # fmt: skip
-        centres = req.frame.tile_centres(xy, store.tile_l0)
-        tile_world = store.tile_l0 * float(np.mean(req.frame.scale))
-        return SearchResult(req, query, pos, top, sim[top], centres, tile_world, model, layers)
+        centres = f.tile_centres(xy, store.tile_l0)
+        tile_world = store.tile_l0 * float(np.mean(np.abs(np.linalg.eigvals(f.matrix[:2, :2]))))
+        return SearchResult(req, query, pos, top, sim[top], centres, tile_world, model, layers,
+                            scale.legend())  # fmt: skip
 
     def apply(self, result: SearchResult) -> list[Any]:
         """Add or update the similarity and matches layers; go to the best match."""
-        added = put_layers(self._viewer, result.layers, ROLE)
+        added = put_layers(self._viewer, result.layers, ROLE, result.request.frame.path)
         self.last_result = result
         self.current = -1
         n = len(result.match_idx)
-        self._status.value = f"query of {len(result.query_idx)} tiles: {n} matches"
+        self._status.value = (f"{result.request.frame.label}: query of {len(result.query_idx)} "
+                              f"tiles, {n} matches")  # fmt: skip
+        self._legend.value = f"<b>similarity</b>: {result.legend}"
         self._step_enabled()
         if n:
             self.show_match(0)
@@ -280,47 +315,26 @@ class RegionSearchWidget(Container):
     def step(self, delta: int) -> None:
         self.show_match(self.current + delta)
 
-    def _zoom_to_tile(self) -> None:
+    def _key_step(self, delta: int) -> None:
+        try:
+            self.step(delta)
+        except RuntimeError:  # the widget was closed: its keys do nothing
+            pass
+
+    def _zoom_to_tile(self, tile_world: float | None = None) -> None:
         """Zoom so a tile spans about a sixth of the canvas (never zooming out of a closer view)."""
         res = self.last_result
-        canvas_model = getattr(self._viewer, "canvas", None)  # napari >= 0.9: viewer.canvas.size
-        canvas = getattr(canvas_model, "size", None) or getattr(self._viewer, "_canvas_size", None)
-        if res is None or not canvas or min(canvas) <= 0:
+        tile = tile_world or (res.tile_world if res is not None else None)
+        canvas = getattr(getattr(self._viewer, "canvas", None), "size", None)
+        if not tile or not canvas or min(canvas) <= 0:
             return
-        zoom = min(canvas) / (6 * res.tile_world)
+        zoom = min(canvas) / (6 * tile)
         camera_of(self._viewer).zoom = max(camera_of(self._viewer).zoom, zoom)
 
     def _step_enabled(self) -> None:
         n = 0 if self.last_result is None else len(self.last_result.match_idx)
         self._prev.enabled = self.current > 0
         self._next.enabled = self.current < n - 1
-
-    # -- other slides -------------------------------------------------------------------------
-    def compute_folder(self, folder: Path, k: int) -> list[Match]:
-        """The last query over every store in `folder` (refused if made by another model)."""
-        res = self.last_result
-        if res is None:
-            raise SearchError("search this slide first: the query comes from the drawn region")
-        exclude: dict[str | PathLike[str], np.ndarray] | None = None
-        if res.request.exclude_query:
-            exclude = {res.request.store_path: res.query_idx}
-        return search_stores(res.query, folder, model=res.model, k=k, exclude=exclude)
-
-    def apply_folder(self, matches: list[Match]) -> None:
-        from qtpy.QtWidgets import QHeaderView
-
-        self.other_matches = matches
-        self._results.value = {
-            "data": [[m.slide_name, m.x, m.y, f"{m.similarity:.3f}"] for m in matches],
-            "index": [str(i) for i in range(1, len(matches) + 1)],
-            "columns": ["slide", "x", "y", "similarity"],
-        }
-        header = self._results.native.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)  # the slide name
-        slides = len({m.store for m in matches})
-        self._status.value = f"{len(matches)} matches on {slides} slide(s)"
-        notify_info(f"{len(matches)} matches on {slides} slide(s); double-click one on this slide")
 
     # -- Qt side ------------------------------------------------------------------------------
     def _on_search(self, _: Any = None) -> None:
@@ -336,31 +350,16 @@ class RegionSearchWidget(Container):
             finished=lambda: setattr(self._search, "enabled", True), sync=self.synchronous,
         )  # fmt: skip
 
-    def _on_search_folder(self, _: Any = None) -> None:
-        folder = Path(str(self._folder.value))
-        if not str(self._folder.value) or not folder.is_dir():
-            self._on_error(SearchError(f"{folder}: choose a folder of .zarr embedding stores"))
-            return
-        self._status.value = f"searching {folder} ..."
-        self._search_folder.enabled = False
-        start_worker(
-            self.compute_folder, folder, int(self._k.value), returned=self.apply_folder,
-            errored=self._on_error, sync=self.synchronous,
-            finished=lambda: setattr(self._search_folder, "enabled", True),
-        )  # fmt: skip
-
-    def _on_result_clicked(self, row: int, _column: int = 0) -> None:
-        """Go to a match of the other-slides list when it is on the slide shown."""
-        res = self.last_result
-        if res is None or not 0 <= row < len(self.other_matches):
-            return
-        m = self.other_matches[row]
-        if Path(m.store).resolve() != Path(res.request.store_path).resolve():
-            notify_info(f"match {row + 1} is on {m.slide_name}: open that slide to see it")
-            return
-        centre = res.request.frame.tile_centres(np.array([[m.x, m.y]]), m.tile_l0)[0]
-        camera_of(self._viewer).center = tuple(float(v) for v in centre)
-
     def _on_error(self, exc: BaseException) -> None:
-        self._status.value = f"error: {exc}"
-        notify_error(exc)
+        report_error(self._status, exc)
+
+
+def _touches(layer: Any, worlds: list[np.ndarray]) -> bool:
+    """True if a vertex of one of the world polygons lies on the slide `layer`."""
+    info = layer.metadata["tilescope"]["info"]
+    frame = SlideFrame.of_layer(layer)
+    for world in worlds:
+        x, y = frame.world_to_l0(world).T
+        if np.any((x >= 0) & (x <= info["width"]) & (y >= 0) & (y <= info["height"])):
+            return True
+    return False

@@ -12,7 +12,6 @@ from ..errors import TilescopeError
 from . import _score_cohort
 from ._common import (
     add_png_args,
-    label_line,
     positive_int,
     require_slide_for_png,
     require_store_slide,
@@ -41,7 +40,7 @@ def check_classes(items: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._store_scores import check_score_name
     from ..models import load_encoder_for_store
-    from ..score import PromptSet, TileGeometry, heatmap, save_scores, score_store
+    from ..score import PromptSet, save_scores, score_store
     from ..store import EmbeddingStore
 
     if _score_cohort.wanted(args):  # a folder of stores, or --csv: one row per store
@@ -109,19 +108,11 @@ def run(args: argparse.Namespace) -> int:
         if args.save is not None:
             print(f"saved the scores as {args.save!r} in {store.path}")
     if args.png:
-        from ..figures import heatmap_figure
+        from ..figures import score_figure
 
-        c = prompts.class_names.index(pooled.label)
-        hm = heatmap(scores.probs[:, c], TileGeometry.from_store(store))
         warn = None if encoder.trained else f"{encoder.label}: NOT A RESULT"
-        heatmap_figure(
-            args.slide,
-            hm,
-            args.png,
-            [f"P({pooled.label}) per tile", label_line(pooled)],
-            slide_mpp=args.slide_mpp,
-            warning=warn,
-        )
+        score_figure(args.slide, store, scores, pooled, args.png, slide_mpp=args.slide_mpp,
+                     warning=warn)  # fmt: skip
         print(f"wrote {args.png}")
     return 0
 

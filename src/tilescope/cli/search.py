@@ -97,27 +97,22 @@ def run(args: argparse.Namespace) -> int:
                 + (f"  {m.store}" if args.against else "")
             )
     if args.png:
-        import numpy as np
+        from ..figures import similarity_figure
+        from ..search import similarity_map
 
-        from ..figures import heatmap_figure
-        from ..score import TileGeometry, heatmap
-        from ..search import similarity
-
-        sim = np.where(store.done, similarity(store.embeddings, query), np.nan)
-        hm = heatmap(sim, TileGeometry.from_store(store))
         here = store.path.resolve()
         trained = store.signature["model"].get("trained", True)
-        heatmap_figure(
+        similarity_figure(
             args.slide,
-            hm,
+            store,
+            similarity_map(store, query),
             args.png,
-            ["cosine similarity to the query region (cyan); top matches in this slide (green)"],
-            slide_mpp=args.slide_mpp,
-            warning=None if trained else "UNTRAINED model: NOT A RESULT",
             boxes=[xywh(b) for b in args.region],
             marks=[
                 (m.x, m.y, m.tile_l0, m.tile_l0) for m in matches if Path(m.store).resolve() == here
             ],
+            slide_mpp=args.slide_mpp,
+            warning=None if trained else "UNTRAINED model: NOT A RESULT",
         )
         print(f"wrote {args.png}")
     return 0
