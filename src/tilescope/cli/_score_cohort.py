@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TilescopeError
-from ._common import EXIT_ERROR, label_line, positive_int
+from ..figures import slide_call_line
+from ._common import EXIT_ERROR, positive_int
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -176,7 +177,7 @@ def _print(results: Sequence[Any], n_models: int) -> None:
         name = r.slide or r.store.name
         if r.state in ("complete", "partial"):
             flag = "" if r.state == "complete" else f"  [PARTIAL: {r.n_done} of {r.n_tiles} tiles]"
-            print(f"{name}: {label_line(_Pooled(r))}{flag}")
+            print(f"{name}: {slide_call_line(_Pooled(r))}{flag}")
         else:
             print(f"{name}: {r.state.upper()}: {r.error}")
 
