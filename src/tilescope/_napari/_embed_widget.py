@@ -24,6 +24,7 @@ from magicgui.widgets import (
 from ..embed import EmbedProgress, EmbedResult, iter_embed_slide, store_path_for
 from ..grid import TileGrid
 from ._common import (
+    BACKEND_CHOICES,
     DEFAULT_STORE_DIR,
     DEVICE_CHOICES,
     get_encoder,
@@ -54,6 +55,7 @@ class EmbedRequest:
     grid: TileGrid
     slide_mpp: float | None
     overwrite: bool
+    backend: str = "auto"
 
 
 class EmbedWidget(Container):
@@ -78,6 +80,11 @@ class EmbedWidget(Container):
             tooltip="Override the slide's own pixel size; 0 = use the file's value",
         )  # fmt: skip
         self._device = ComboBox(label="device", choices=DEVICE_CHOICES, value="auto")
+        self._backend = ComboBox(
+            label="backend", choices=BACKEND_CHOICES, value="auto",
+            tooltip="What runs the image tower: torch, or OpenVINO (CPU; bf16 where the CPU has "
+            "it). auto: OpenVINO on a CPU with native bf16, else torch",
+        )  # fmt: skip
         self._out_dir = FileEdit(
             label="stores", mode=FileDialogMode.EXISTING_DIRECTORY, value=DEFAULT_STORE_DIR
         )
@@ -87,7 +94,8 @@ class EmbedWidget(Container):
         self._status = Label(value="")
         self.extend(
             [self._slide, self._model, self._mpp, self._tile, self._overlap, self._slide_mpp,
-             self._device, self._out_dir, self._overwrite, self._run, self._cancel, self._status]
+             self._device, self._backend, self._out_dir, self._overwrite, self._run,
+             self._cancel, self._status]
         )  # fmt: skip
         self._run.changed.connect(self._on_run)
         self._cancel.changed.connect(self._on_cancel)
@@ -123,16 +131,17 @@ class EmbedWidget(Container):
             ),
             slide_mpp=float(self._slide_mpp.value) or None,
             overwrite=bool(self._overwrite.value),
+            backend=str(self._backend.value),
         )
 
     def job(self, req: EmbedRequest) -> Generator[EmbedProgress, None, EmbedResult | None]:
         """Load the model, then embed; stops between batches when Cancel is pressed."""
-        encoder = get_encoder(req.model, req.device)
+        encoder = get_encoder(req.model, req.device, req.backend)
         req.store_path.parent.mkdir(parents=True, exist_ok=True)
         gen = iter_embed_slide(
             req.slide_path, req.store_path, encoder=encoder, grid=req.grid,
             slide_mpp=req.slide_mpp, overwrite=req.overwrite,
-            batch_size=64 if encoder.device.type == "cuda" else 16,
+            batch_size=encoder.default_batch_size,
         )  # fmt: skip
         try:
             while not self._cancel_event.is_set():
