@@ -303,9 +303,10 @@ def test_resume_with_another_backend_is_a_notice_and_agrees(tiny_encoder, tiny_o
 
     ref = embed_slide(need(CMU), tmp_path / "ref.zarr", encoder=tiny_encoder, num_workers=0)
     out = tmp_path / "cmu.zarr"
+    calls: list[int] = []  # stop after the first batch (reports: tissue, start, batch 1)
     part = embed_slide(CMU, out, encoder=tiny_encoder, batch_size=16, num_workers=0,
-                       should_stop=lambda: True)  # fmt: skip
-    assert not part.complete and part.embedded_now == 16
+                       should_stop=lambda: calls.append(1) or len(calls) >= 3)  # fmt: skip
+    assert not part.complete and EmbeddingStore.open(out).n_done == 16
     with pytest.warns(StoreNotice, match="model.backend: store has 'torch', this run 'openvino'"):
         done = embed_slide(CMU, out, encoder=tiny_ov, batch_size=16, num_workers=0)
     assert done.complete and done.embedded_now == ref.n_tiles - 16
@@ -360,3 +361,33 @@ def test_embed_widget_backend_choice(make_napari_viewer, tmp_path):
     assert widget.last_result is not None and widget.last_result.complete
     model = EmbeddingStore.open(widget.last_result.store_path).signature["model"]
     assert model["backend"] == "openvino"
+
+
+def test_auto_falls_back_to_torch_when_openvino_cannot_convert(monkeypatch):
+    monkeypatch.setattr(_openvino, "cpu_capabilities", lambda: ["FP32", "BF16"])
+
+    def cannot(self, encoder, **kw):
+        raise RuntimeError("unsupported operation aten::foo")
+
+    monkeypatch.setattr(_openvino.OpenVINOImages, "__init__", cannot)
+    with pytest.warns(UserWarning, match="OpenVINO could not take the image tower"):
+        enc = load_encoder("tiny-random", device="cpu")
+    assert enc.backend == "torch"
+    with pytest.raises(ModelError, match="aten::foo.*use --backend torch"):
+        load_encoder("tiny-random", device="cpu", backend="openvino")
+
+
+def test_cli_backend_flag(tmp_path, capsys, tiny_ov):
+    from tilescope.cli import main
+    from tilescope.store import EmbeddingStore
+
+    out = tmp_path / "cmu.zarr"
+    args = ["embed", str(need(CMU)), "-o", str(out), "--model", "tiny-random", "--mpp", "2"]
+    assert main([*args, "--backend", "openvino"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"image tower: openvino {tiny_ov.compute_precision} on cpu, 16 tiles per batch" in printed
+    )
+    assert EmbeddingStore.open(out).signature["model"]["backend"] == "openvino"
+    assert main([*args, "--backend", "openvino", "--device", "cuda"]) == 1
+    assert "runs on the CPU, not on 'cuda'" in capsys.readouterr().err

@@ -32,7 +32,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -133,7 +133,8 @@ def image_graph(encoder: Encoder) -> torch.nn.Module:
             self.register_buffer("scale", torch.tensor(encoder.std).view(1, 3, 1, 1) * 255)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = (x.permute(0, 3, 1, 2).float() - self.shift) / self.scale
+            shift, scale = cast(torch.Tensor, self.shift), cast(torch.Tensor, self.scale)
+            x = (x.permute(0, 3, 1, 2).float() - shift) / scale
             return F.normalize(self.visual(x), dim=-1)
 
     return ImageGraph().eval()

@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,14 +230,34 @@ def load_encoder(
     """
     dev, chosen = resolve_backend(backend, device, compile=compile)
     encoder = _load_torch(name, dev)
-    return _with_backend(encoder, chosen, compile=compile)
+    return _with_backend(encoder, chosen, compile=compile, asked=backend or "auto")
 
 
-def _with_backend(encoder: Encoder, backend: str, *, compile: bool = False) -> Encoder:
+def _with_backend(
+    encoder: Encoder, backend: str, *, compile: bool = False, asked: str = "auto"
+) -> Encoder:
+    """Put `encoder`'s image tower on `backend`. A model OpenVINO cannot convert is an error
+    when OpenVINO was asked for, and a warning (torch is used) when `auto` chose it."""
     if backend == "openvino":
         from ._openvino import OpenVINOImages
 
-        encoder.set_image_backend(OpenVINOImages(encoder))
+        try:
+            encoder.set_image_backend(OpenVINOImages(encoder))
+        except Exception as exc:
+            if asked == "openvino":
+                if isinstance(exc, TilescopeError):
+                    raise
+                raise ModelError(
+                    f"{encoder.model_id}: OpenVINO could not convert or compile the image tower "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "use --backend torch"
+                ) from exc
+            warnings.warn(
+                f"{encoder.model_id}: OpenVINO could not take the image tower ({exc!r}); "
+                "running it in torch",
+                UserWarning,
+                stacklevel=3,
+            )
     elif compile:
         encoder.set_image_backend("torch", compile=True)
     return encoder
@@ -339,7 +360,7 @@ def build_biomedclip_architecture(
         return load_encoder(DEFAULT_MODEL, device=device, backend=backend, compile=compile)
     dev, chosen = resolve_backend(backend, device, compile=compile)
     encoder = _random_encoder("biomedclip", "biomedclip-architecture-random", dev)
-    return _with_backend(encoder, chosen, compile=compile)
+    return _with_backend(encoder, chosen, compile=compile, asked=backend or "auto")
 
 
 def load_encoder_for_store(
