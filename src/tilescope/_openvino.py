@@ -51,9 +51,10 @@ INSTALL_HELP = (
     "OpenVINO is not installed: `pip install 'tilescope[openvino]'` (or `pip install openvino`) "
     "adds it; or use --backend torch"
 )
-#: Performance hint of the compiled model. LATENCY (one stream over all cores, batches split
-#: over no streams) measured faster than THROUGHPUT on a 2-core AVX2 CPU; see bench_backends.py.
-DEFAULT_HINT = "LATENCY"
+#: Performance hint of the compiled model. THROUGHPUT (one stream per core or so, each batch
+#: split over the streams) ran 1.10x and 1.14x LATENCY (one stream over all cores), medians of
+#: interleaved rounds on a busy 2-core AVX2 CPU; see bench_backends.py.
+DEFAULT_HINT = "THROUGHPUT"
 _CONVERT_LOCK = threading.Lock()
 #: OpenVINO element types (as printed) -> Tilescope's precision names.
 _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
@@ -239,7 +240,6 @@ class OpenVINOImages:
 
     name = "openvino"
     compiled = False
-    default_batch_size = 16
 
     def __init__(
         self,
@@ -275,6 +275,7 @@ class OpenVINOImages:
         self._queue = ov.AsyncInferQueue(compiled, max(1, n_requests))
         self._queue.set_callback(self._on_done)
         self._parts = max(1, n_requests)
+        self.default_batch_size = max(16, 4 * self._parts)  # a few tiles per stream
         self._lock = threading.Lock()
         self.provenance = {
             "openvino_version": ov.__version__,
