@@ -67,19 +67,20 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def int8_backend(encoder: Any, calibration: np.ndarray) -> Any:
     """An OpenVINO int8 model (NNCF post-training quantization) behind the backend's submit."""
-    import nncf
-    import openvino as ov
-
     from tilescope import _openvino
 
+    ov = _openvino.require_openvino()
     xml, _ = _openvino.converted_graph(encoder)
     core = ov.Core()
     model = core.read_model(str(xml))
-    data = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     t0 = time.perf_counter()
-    quantized = nncf.quantize(
-        model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
-    )
+    with _openvino._no_telemetry():  # NNCF's telemetry too
+        import nncf
+
+        data = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+        quantized = nncf.quantize(
+            model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
+        )
     seconds = time.perf_counter() - t0
     compiled = core.compile_model(quantized, "CPU", _openvino.compile_config("fp32"))
     return compiled, seconds

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -55,15 +56,22 @@ INSTALL_HELP = (
 #: split over the streams) ran 1.10x and 1.14x LATENCY (one stream over all cores), medians of
 #: interleaved rounds on a busy 2-core AVX2 CPU; see bench_backends.py.
 DEFAULT_HINT = "THROUGHPUT"
-_CONVERT_LOCK = threading.Lock()
+_CONVERT_LOCK = threading.RLock()
 #: OpenVINO element types (as printed) -> Tilescope's precision names.
 _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
 def require_openvino() -> Any:
-    """The ``openvino`` module, or a `ModelError` that says how to install it."""
+    """The ``openvino`` module, or a `ModelError` that says how to install it.
+
+    Imported with OpenVINO's telemetry declined: ``import openvino`` itself sends an "import"
+    event unless the user opted out (see `_no_telemetry`).
+    """
     try:
-        import openvino
+        if "openvino" in sys.modules and sys.modules["openvino"] is not None:
+            return sys.modules["openvino"]
+        with _no_telemetry():
+            import openvino
     except ImportError as exc:
         raise ModelError(INSTALL_HELP) from exc
     return openvino
@@ -143,11 +151,12 @@ def image_graph(encoder: Encoder) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def _no_telemetry() -> Iterator[None]:
-    """Run OpenVINO's converter with its telemetry declined.
+    """Import OpenVINO and run its converter with its telemetry declined.
 
-    ``openvino.convert_model`` sends usage events unless the user opted out (its telemetry is
-    initialised with ``disable_in_ci=True`` and treats ``CI=true`` as a refusal); the variable is
-    set for the conversion only, under a lock, and restored.
+    ``import openvino`` and ``openvino.convert_model`` send usage events (and write a client id
+    under ``~/intel``) unless the user opted out; their telemetry is initialised with
+    ``disable_in_ci=True``, which treats ``CI=true`` as a refusal. The variable is set for the
+    import or the conversion only, under a lock, and restored.
     """
     with _CONVERT_LOCK:
         old = os.environ.get("CI")
