@@ -10,10 +10,15 @@ hits all candidates alike. ``"speedup"`` = best CPU backend / eager torch fp32 (
 medians of the per-round ratios); goal >= 2.0 with ``"min_cosine"`` >= 0.999 against torch fp32.
 
 Candidates: OpenVINO at the precision Tilescope picks on this CPU (bf16 where OpenVINO reports
-BF16, else fp32), with the LATENCY and THROUGHPUT hints; ``--int8`` adds an NNCF post-training
-int8 model calibrated on other real tiles (needs ``pip install nncf``; never a default).
+BF16, else fp32), with the THROUGHPUT (Tilescope's default) and LATENCY hints; ``--int8`` adds
+an NNCF post-training int8 model calibrated on 31 other CMU tiles (needs ``pip install nncf``;
+never a default: it is reported apart from ``"speedup"``). Also printed: the CPU's OpenVINO
+capabilities, the precision used, the conversion time (cold cache) and the start-up time from
+the cache, the load average before and after. On a machine with CUDA, ``"cuda"`` gives the
+encoder's own rate there (bf16, channels_last, asynchronous copies, two batches in flight).
 
     python benchmarks/bench_backends.py [--rounds 5] [--batch 16] [--int8]
+                                        [--cuda-batch 256] [--compile]
 """
 
 from __future__ import annotations
