@@ -141,8 +141,9 @@ def resolve_backend(
     """The (device, backend) a `load_encoder` call runs the image tower on.
 
     ``"auto"`` picks OpenVINO on a CPU where OpenVINO reports native bf16 (AVX512-BF16 or AMX),
-    else torch (on CUDA, MPS, and on CPUs without bf16, where OpenVINO fp32 measured no faster
-    than torch here: see ``benchmarks/bench_backends.py``). ``"openvino"`` runs on the CPU only.
+    else torch (on CUDA, MPS, and on CPUs without bf16, where OpenVINO fp32 measured 1.3x to
+    1.5x torch on a 2-core AVX2 CPU: ``benchmarks/bench_backends.py``; ask for it with
+    ``"openvino"``). ``"openvino"`` runs on the CPU only.
 
     Raises
     ------
