@@ -53,7 +53,7 @@ def hub_cache_add(hub: Path, repo: str, source: Path, names: tuple[str, ...]) ->
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _tilescope_caches_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def tilescope_caches_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Hash and OpenVINO caches in a temporary folder, never the user's ~/.cache."""
     from tilescope import _hash_cache, _openvino
 
