@@ -52,6 +52,23 @@ def hub_cache_add(hub: Path, repo: str, source: Path, names: tuple[str, ...]) ->
     return snapshot
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tilescope_caches_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Hash and OpenVINO caches in a temporary folder, never the user's ~/.cache."""
+    from tilescope import _hash_cache, _openvino
+
+    root = tmp_path_factory.mktemp("tilescope-cache")
+    old = {k: os.environ.get(k) for k in (_hash_cache.CACHE_ENV, _openvino.CACHE_ENV)}
+    os.environ[_hash_cache.CACHE_ENV] = str(root)
+    os.environ[_openvino.CACHE_ENV] = str(root / "openvino")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder() -> Encoder:
     """The ``tiny-random`` encoder on CPU (untrained, deterministic)."""

@@ -1,7 +1,9 @@
 """The `Encoder`: an open_clip model that embeds uint8 tiles and prompts on one device.
 
 Preprocessing runs on the device in batch: uint8 -> float, /255, the model's mean/std, and for
-tiles not at the model's size the resize + centre crop of open_clip's transform. Build one with
+tiles not at the model's size the resize + centre crop of open_clip's transform. The image tower
+runs on a backend: torch (`tilescope._torch_images`, any device, asynchronous on CUDA) or
+OpenVINO (`tilescope._openvino`, CPU); the text tower is always torch. Build one with
 `tilescope.models.load_encoder`.
 """
 
@@ -24,7 +26,11 @@ TEXT_CACHE_SIZE = 1024
 if TYPE_CHECKING:
     import torch
 
+    from ._torch_images import Pending
+
 UNTRAINED = "(UNTRAINED — not a result)"
+#: `Encoder.compute_precision` -> the dtype name recorded as ``compute_dtype``.
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -64,6 +70,12 @@ class Encoder:
     device : torch.device
     autocast_dtype : torch.dtype or None
         Mixed precision used on CUDA (bf16 if supported, else fp16); None = fp32.
+    backend : str
+        What runs the image tower: ``"torch"`` or ``"openvino"`` (CPU).
+    compute_precision : str
+        Precision of the image tower: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    default_batch_size : int
+        Tiles per batch that suit the backend and device (256 on a large GPU, 16 on a CPU).
     label : str
         For display; untrained models say so.
     model, tokenizer, open_clip_preprocess
@@ -73,7 +85,8 @@ class Encoder:
     -----
     Image encoding runs one batch at a time per model (torch releases the GIL; the prompt cache
     is locked), so one Encoder may serve the widgets and a worker thread.
-    On Apple MPS and on CPU it computes in float32.
+    On Apple MPS and on CPU torch computes in float32; OpenVINO in bf16 where the CPU has it
+    natively, else float32.
     """
 
     def __init__(
@@ -124,9 +137,50 @@ class Encoder:
         self._std_t = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()  # widgets encode prompts from worker threads
+        self._images: Any = None
+        self.set_image_backend("torch")
+
+    def set_image_backend(self, backend: str | Any, *, compile: bool = False) -> None:
+        """Run the image tower on ``"torch"`` (this encoder's device) or on a backend object
+        (`tilescope._openvino.OpenVINOImages`). `compile`: ``torch.compile`` (torch only)."""
+        if isinstance(backend, str):
+            from ._torch_images import TorchImages
+
+            if backend != "torch":
+                raise ModelError(f"unknown image backend {backend!r}")
+            backend = TorchImages(self, compile=compile)
+        self._images = backend
+
+    @property
+    def backend(self) -> str:
+        return str(self._images.name)
+
+    @property
+    def compute_precision(self) -> str:
+        return str(self._images.precision)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the image tower's input."""
+        return self._hw
+
+    @property
+    def default_batch_size(self) -> int:
+        """Tiles per batch for this device and backend (what `tilescope embed` uses)."""
+        if self.device.type == "cuda":
+            import torch
+
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+            return 256 if memory >= 12 * 2**30 else 64
+        if self.device.type == "mps":
+            return 64
+        return int(getattr(self._images, "default_batch_size", 16))
 
     def __repr__(self) -> str:
-        return f"Encoder({self.label!r}, embed_dim={self.embed_dim}, device={self.device})"
+        return (
+            f"Encoder({self.label!r}, embed_dim={self.embed_dim}, device={self.device}, "
+            f"backend={self.backend} {self.compute_precision})"
+        )
 
     def provenance(self) -> dict[str, Any]:
         """What produced the embeddings, JSON-serialisable (for store signatures)."""
@@ -147,9 +201,13 @@ class Encoder:
             "resize_mode": self._resize_mode,
             "interpolation": self._interpolation,
             "logit_scale": self.logit_scale,
-            "compute_dtype": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
+            "backend": self.backend,
+            "compute_precision": self.compute_precision,
+            "compute_dtype": _DTYPE_NAMES[self.compute_precision],
+            "compiled": bool(getattr(self._images, "compiled", False)),
             "open_clip_version": open_clip.__version__,
             "torch_version": torch.__version__,
+            **dict(getattr(self._images, "provenance", {})),
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -158,26 +216,6 @@ class Encoder:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    def _to_device(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3) on the device; through pinned host memory on CUDA."""
-        import torch
-
-        x = (
-            torch.from_numpy(np.ascontiguousarray(batch))
-            if isinstance(batch, np.ndarray)
-            else batch
-        )
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise ModelError(
-                f"{self.model_id}: tiles must be uint8 RGB of shape (N, H, W, 3), got "
-                f"{x.dtype} {tuple(x.shape)}."
-            )
-        if self.device.type != "cuda" or x.device.type == "cuda":
-            return x.to(self.device)
-        # pinned host memory from torch's caching allocator, which keeps each block until its
-        # asynchronous copy has finished: no reuse race, and safe from several threads
-        return x.pin_memory().to(self.device, non_blocking=True)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """Resize and centre-crop (or pad) float (N, 3, H, W) in [0, 255] as open_clip would."""
@@ -211,6 +249,48 @@ class Encoder:
         top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
         return x[..., top : top + th, left : left + tw]
 
+    def as_tiles(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """`batch` as a uint8 (N, H, W, 3) tensor (no copy); `ModelError` for anything else."""
+        import torch
+
+        x = (
+            torch.from_numpy(np.ascontiguousarray(batch))
+            if isinstance(batch, np.ndarray)
+            else batch
+        )
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ModelError(
+                f"{self.model_id}: tiles must be uint8 RGB of shape (N, H, W, 3), got "
+                f"{x.dtype} {tuple(x.shape)}."
+            )
+        return x
+
+    def resize_tiles(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) tiles at the model's input size, exactly as the torch path
+        preprocesses them (`_resize`: its output is whole grey levels), for backends that take
+        uint8 input. Tiles already at the size are returned as they are."""
+        import torch
+
+        if tuple(batch.shape[1:3]) == self._hw:
+            return batch
+        with torch.inference_mode():
+            x = self._resize(batch.cpu().permute(0, 3, 1, 2).float())
+            return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    def submit_images(self, batch: np.ndarray | torch.Tensor) -> Pending:
+        """Start embedding a batch of RGB tiles; ``.result()`` gives what `encode_images` gives.
+
+        On CUDA the copies and the model run asynchronously: submit batch k+1 before taking
+        batch k's result and the GPU never waits for the host (see `tilescope._torch_images`).
+        On the CPU the batch is computed here (torch) or queued on OpenVINO's infer requests.
+        """
+        from ._torch_images import Ready
+
+        x = self.as_tiles(batch)
+        if len(x) == 0:
+            return Ready(np.zeros((0, self.embed_dim), np.float32))
+        return self._images.submit(x)
+
     def encode_images(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embed a batch of RGB tiles.
 
@@ -219,26 +299,14 @@ class Encoder:
         batch
             uint8 array or tensor (N, H, W, 3). Tiles at the model's size go straight to
             normalisation; others are resized (shortest side, bicubic, antialiased) and
-            centre-cropped on the device, as open_clip's transform does.
+            centre-cropped, as open_clip's transform does.
 
         Returns
         -------
         numpy.ndarray
             float32 (N, embed_dim), rows of unit L2 norm.
         """
-        import torch
-        import torch.nn.functional as F
-
-        if len(batch) == 0:
-            return np.zeros((0, self.embed_dim), np.float32)
-        with torch.inference_mode():
-            x = self._to_device(batch).permute(0, 3, 1, 2).float()
-            if tuple(x.shape[-2:]) != self._hw:
-                x = self._resize(x)
-            x = (x / 255.0 - self._mean_t) / self._std_t
-            with self._autocast():
-                features = self.model.encode_image(x)
-            return F.normalize(features.float(), dim=-1).cpu().numpy()
+        return self.submit_images(batch).result()
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (P, context_length); warns for each prompt that had to be truncated."""

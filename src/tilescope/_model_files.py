@@ -10,7 +10,6 @@ open_clip as a local folder, so it also works offline.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -429,9 +428,7 @@ def check_weights_file(path: Path, model_id: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes, remembered by path, size, mtime and inode (`_hash_cache`)."""
+    from ._hash_cache import sha256_cached
+
+    return sha256_cached(path)

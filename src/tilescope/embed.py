@@ -297,6 +297,7 @@ def embed_slide(
     encoder: Encoder | None = None,
     model: str | None = None,
     device: str | None = None,
+    backend: str = "auto",
     progress: Callable[[EmbedProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     **kwargs: Any,
@@ -307,8 +308,9 @@ def embed_slide(
     ----------
     slide_path, store_path
         The slide and the ``.zarr`` directory to create or resume.
-    encoder, model, device
-        A loaded `~tilescope.models.Encoder`, or a model name to load (BiomedCLIP by default).
+    encoder, model, device, backend
+        A loaded `~tilescope.models.Encoder`, or a model name to load (BiomedCLIP by default)
+        on `device` with `backend` ("auto", "torch" or "openvino"; see `load_encoder`).
     progress
         Called with an `EmbedProgress` after every batch.
     should_stop
@@ -317,7 +319,7 @@ def embed_slide(
     if encoder is None:
         from .models import DEFAULT_MODEL, load_encoder
 
-        encoder = load_encoder(model or DEFAULT_MODEL, device=device)
+        encoder = load_encoder(model or DEFAULT_MODEL, device=device, backend=backend)
     gen = iter_embed_slide(slide_path, store_path, encoder=encoder, **kwargs)
     first: EmbedProgress | None = None
     try:

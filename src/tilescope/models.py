@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +35,17 @@ __all__ = [
     "OFFLINE_WEIGHTS_HELP",
     "TINY_MODEL",
     "Encoder",
+    "BACKENDS",
     "build_biomedclip_architecture",
     "load_encoder",
     "load_encoder_for_store",
     "pick_device",
+    "resolve_backend",
 ]
 
 DEFAULT_MODEL = f"hf-hub:{DEFAULT_REPO}"
+#: Image-tower backends (`load_encoder`'s `backend`); the text tower always runs in torch.
+BACKENDS = ("auto", "torch", "openvino")
 TINY_MODEL = TINY_NAME
 
 OFFLINE_WEIGHTS_HELP = """\
@@ -130,7 +135,69 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def load_encoder(name: str = DEFAULT_MODEL, *, device: str | None = None) -> Encoder:
+def resolve_backend(
+    backend: str | None = "auto", device: str | None = None, *, compile: bool = False
+) -> tuple[torch.device, str]:
+    """The (device, backend) a `load_encoder` call runs the image tower on.
+
+    ``"auto"`` picks OpenVINO on a CPU where OpenVINO reports native bf16 (AVX512-BF16 or AMX),
+    else torch (on CUDA, MPS, and on CPUs without bf16, where OpenVINO fp32 measured 1.3x to
+    1.5x torch on a 2-core AVX2 CPU: ``benchmarks/bench_backends.py``; ask for it with
+    ``"openvino"``). ``"openvino"`` runs on the CPU only.
+
+    Raises
+    ------
+    ModelError
+        Unknown backend; ``openvino`` with a GPU device or with `compile`; OpenVINO asked for
+        but not installed (the message says how to install it).
+    """
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ModelError(f"Unknown backend {backend!r}: use {', '.join(BACKENDS)}.")
+    if backend == "openvino":
+        if device not in (None, "auto") and _device_type(device) != "cpu":
+            raise ModelError(
+                f"--backend openvino runs on the CPU, not on {device!r}: use --backend torch "
+                f"(the default on GPUs) with --device {device}, or --device cpu."
+            )
+        if compile:
+            raise ModelError("--compile is torch.compile: use it with --backend torch.")
+        from ._openvino import require_openvino
+
+        require_openvino()  # a clear error now, before the model loads
+        return pick_device("cpu"), "openvino"
+    dev = pick_device(device)
+    if backend == "auto" and dev.type == "cpu" and not compile and _openvino_bf16():
+        return dev, "openvino"
+    return dev, "torch"
+
+
+def _device_type(device: str) -> str:
+    """The type of `device` ("cuda" for "cuda:1") without checking that it exists."""
+    import torch
+
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        return pick_device(device).type  # raises the usual "unknown device" error
+
+
+def _openvino_bf16() -> bool:
+    """OpenVINO is installed and reports native bf16 on this CPU."""
+    from . import _openvino
+
+    if not _openvino.available():
+        return False
+    return _openvino.choose_precision(_openvino.cpu_capabilities()) == "bf16"
+
+
+def load_encoder(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    backend: str | None = "auto",
+    compile: bool = False,
+) -> Encoder:
     """Load a model for tiles and prompts: from the hub, the local cache, a folder, or in code.
 
     Parameters
@@ -141,6 +208,11 @@ def load_encoder(name: str = DEFAULT_MODEL, *, device: str | None = None) -> Enc
         with its weights tag (``"ViT-B-32:laion2b_s34b_b79k"``), or ``"tiny-random"``.
     device
         See `pick_device`; default: CUDA, MPS or CPU.
+    backend
+        What runs the image tower: ``"auto"`` (default), ``"torch"`` or ``"openvino"`` (CPU;
+        the image graph is converted once and cached); see `resolve_backend`.
+    compile
+        ``torch.compile`` the image path (torch backend; worth it on GPUs for long runs).
 
     Raises
     ------
@@ -148,15 +220,51 @@ def load_encoder(name: str = DEFAULT_MODEL, *, device: str | None = None) -> Enc
         The weights (or the text encoder's config, or the tokenizer) are neither cached nor
         downloadable; the message lists the ways to supply them.
     ModelError
-        Unknown name, a folder that is not a model, a checkpoint that is not plain tensors.
+        Unknown name, a folder that is not a model, a checkpoint that is not plain tensors, a
+        backend that cannot run here.
 
     Examples
     --------
-    >>> enc = load_encoder("tiny-random", device="cpu")
-    >>> enc.trained, enc.label
-    (False, 'tiny-random (UNTRAINED — not a result)')
+    >>> enc = load_encoder("tiny-random", device="cpu", backend="torch")
+    >>> enc.trained, enc.label, enc.backend
+    (False, 'tiny-random (UNTRAINED — not a result)', 'torch')
     """
-    dev = pick_device(device)
+    dev, chosen = resolve_backend(backend, device, compile=compile)
+    encoder = _load_torch(name, dev)
+    return _with_backend(encoder, chosen, compile=compile, asked=backend or "auto")
+
+
+def _with_backend(
+    encoder: Encoder, backend: str, *, compile: bool = False, asked: str = "auto"
+) -> Encoder:
+    """Put `encoder`'s image tower on `backend`. A model OpenVINO cannot convert is an error
+    when OpenVINO was asked for, and a warning (torch is used) when `auto` chose it."""
+    if backend == "openvino":
+        from ._openvino import OpenVINOImages
+
+        try:
+            encoder.set_image_backend(OpenVINOImages(encoder))
+        except Exception as exc:
+            if asked == "openvino":
+                if isinstance(exc, TilescopeError):
+                    raise
+                raise ModelError(
+                    f"{encoder.model_id}: OpenVINO could not convert or compile the image tower "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "use --backend torch"
+                ) from exc
+            warnings.warn(
+                f"{encoder.model_id}: OpenVINO could not take the image tower ({exc!r}); "
+                "running it in torch",
+                UserWarning,
+                stacklevel=3,
+            )
+    elif compile:
+        encoder.set_image_backend("torch", compile=True)
+    return encoder
+
+
+def _load_torch(name: str, dev: torch.device) -> Encoder:
     spec = files.parse_model_name(name)
     if spec.kind == "tiny":
         return _random_encoder("tiny", TINY_MODEL, dev)
@@ -237,29 +345,40 @@ def _random_encoder(kind: str, model_id: str, device: torch.device) -> Encoder:
 
 
 def build_biomedclip_architecture(
-    random_weights: bool = True, *, device: str | None = None
+    random_weights: bool = True,
+    *,
+    device: str | None = None,
+    backend: str | None = "torch",
+    compile: bool = False,
 ) -> Encoder:
     """BiomedCLIP's full-size architecture (ViT-B/16 + BERT-base, 512-d), for timing.
 
     With ``random_weights=True`` (the default) the weights are random and seeded, nothing is
     downloaded, and the encoder is labelled untrained. ``False`` loads the real model
-    (`DEFAULT_MODEL`, same as ``load_encoder()``).
+    (`DEFAULT_MODEL`, same as ``load_encoder()``). `backend`: as in `load_encoder`.
     """
     if not random_weights:
-        return load_encoder(DEFAULT_MODEL, device=device)
-    return _random_encoder("biomedclip", "biomedclip-architecture-random", pick_device(device))
+        return load_encoder(DEFAULT_MODEL, device=device, backend=backend, compile=compile)
+    dev, chosen = resolve_backend(backend, device, compile=compile)
+    encoder = _random_encoder("biomedclip", "biomedclip-architecture-random", dev)
+    return _with_backend(encoder, chosen, compile=compile, asked=backend or "auto")
 
 
 def load_encoder_for_store(
-    store_model: dict[str, Any], *, name: str | None = None, device: str | None = None
+    store_model: dict[str, Any],
+    *,
+    name: str | None = None,
+    device: str | None = None,
+    backend: str | None = "torch",
 ) -> Encoder:
     """The model that embedded a store, so that prompts and queries match its embeddings.
 
     `store_model` is the store signature's ``model`` entry. `name` overrides where to load it
     from (another folder holding the same weights, say); the weights must be the same.
+    `backend` defaults to torch: scoring runs the text tower only.
     """
     model_id = str(store_model.get("model_id", "?"))
-    enc = load_encoder(name or model_id, device=device)
+    enc = load_encoder(name or model_id, device=device, backend=backend)
     want = store_model.get("weights_digest")
     if want and enc.weights_digest != want:
         raise ModelError(

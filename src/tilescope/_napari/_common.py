@@ -21,36 +21,57 @@ if TYPE_CHECKING:
     from ..models import Encoder
     from ..store import EmbeddingStore
 
-_ENCODERS: dict[tuple[str, str | None], Encoder] = {}
+_ENCODERS: dict[tuple[str, str, str], Encoder] = {}
 _ENCODER_LOCK = threading.Lock()
 
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
+BACKEND_CHOICES = ["auto", "torch", "openvino"]
 #: Appended to the names of layers computed with an untrained model (short, fits a layer list).
 UNTRAINED_TAG = " [UNTRAINED]"
 
 
-def get_encoder(name: str, device: str | None = None) -> Encoder:
-    """Load a model once per (name, device) and keep it; safe to call from worker threads.
+def _device_key(device: Any) -> str:
+    """One name per physical device: "cuda" and "cuda:0" (when 0 is current) are the same."""
+    import torch
 
-    A loaded model is also kept under its canonical ``model_id`` (e.g. "biomedclip" is kept
-    as "hf-hub:microsoft/..." too), so a store's model id finds the model already loaded.
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def get_encoder(name: str, device: str | None = None, backend: str | None = None) -> Encoder:
+    """Load a model once per (name, resolved device, resolved backend) and keep it; safe to
+    call from worker threads.
+
+    ``device`` "auto"/None and ``backend`` "auto" are resolved first (`resolve_backend`), so
+    "auto" and the device it picks share one model. ``backend=None`` means any image backend:
+    a model already loaded for this name and device is reused (the text tower, all that
+    scoring needs, is torch in every backend), else "auto". A loaded model is also kept under
+    its canonical ``model_id`` ("biomedclip" as "hf-hub:microsoft/..."), so a store's model id
+    finds the model already loaded.
     """
-    from ..models import load_encoder
+    from ..models import load_encoder, resolve_backend
 
-    device = None if device in (None, "auto") else device
-    key = (name, device)
+    dev, chosen = resolve_backend(backend, None if device == "auto" else device)
+    dkey = _device_key(dev)
     with _ENCODER_LOCK:
+        if backend is None:
+            for (n, d, _), enc in _ENCODERS.items():
+                if n == name and d == dkey:
+                    return enc
+        key = (name, dkey, chosen)
         if key not in _ENCODERS:
             _preload_triton()
-            enc = load_encoder(name, device=device)
-            _ENCODERS[key] = _ENCODERS.setdefault((enc.model_id, device), enc)
+            enc = load_encoder(name, device=str(dev), backend=chosen)
+            _ENCODERS[key] = _ENCODERS.setdefault((enc.model_id, dkey, chosen), enc)
         return _ENCODERS[key]
 
 
 def register_encoder(encoder: Encoder) -> Encoder:
     """Keep an already loaded model so the widgets use it for stores it made."""
+    key = (encoder.model_id, _device_key(encoder.device), encoder.backend)
     with _ENCODER_LOCK:
-        return _ENCODERS.setdefault((encoder.model_id, None), encoder)
+        return _ENCODERS.setdefault(key, encoder)
 
 
 def _preload_triton() -> None:

@@ -24,6 +24,7 @@ from ..embed import EmbedProgress, EmbedResult, iter_embed_slide
 from ..errors import MissingMppError, ModelError
 from ..grid import TileGrid
 from ._common import (
+    BACKEND_CHOICES,
     DEVICE_CHOICES,
     DockContainer,
     RunProgress,
@@ -63,6 +64,7 @@ class EmbedRequest:
     grid: TileGrid
     slide_mpp: float | None
     overwrite: bool
+    backend: str = "auto"
 
 
 @dataclass
@@ -104,6 +106,11 @@ class EmbedWidget(DockContainer):
             "file's value); the slide is then shown in µm beside the others",
         )  # fmt: skip
         self._device = ComboBox(label="device", choices=DEVICE_CHOICES, value="auto")
+        self._backend = ComboBox(
+            label="backend", choices=BACKEND_CHOICES, value="auto",
+            tooltip="What runs the image tower: torch, or OpenVINO (CPU; bf16 where the CPU has "
+            "it). auto: OpenVINO on a CPU with native bf16, else torch",
+        )  # fmt: skip
         self._out_dir = FileEdit(
             label="stores", mode=FileDialogMode.EXISTING_DIRECTORY, value=default_store_dir()
         )
@@ -114,8 +121,8 @@ class EmbedWidget(DockContainer):
         self._status = StatusLabel()
         self.extend(
             [self._slide, self._model, self._mpp, self._tile, self._overlap, self._slide_mpp,
-             self._device, self._out_dir, self._overwrite, row(self._run, self._cancel),
-             self._status]
+             self._device, self._backend, self._out_dir, self._overwrite,
+             row(self._run, self._cancel), self._status]
         )  # fmt: skip
         self._run.changed.connect(self._on_run)
         self._cancel.changed.connect(self._on_cancel)
@@ -173,20 +180,21 @@ class EmbedWidget(DockContainer):
             grid=grid,
             slide_mpp=slide_mpp,
             overwrite=bool(self._overwrite.value),
+            backend=str(self._backend.value),
         )
 
     def job(self, run: EmbedRun) -> Generator[Any, None, EmbedResult | None]:
         """Load the model, then embed; Cancel stops between batches, or as soon as the model
         load or the tissue detection returns."""
         req = run.request
-        encoder = get_encoder(req.model, req.device)
+        encoder = get_encoder(req.model, req.device, req.backend)
         if run.cancel.is_set():
             return None
         req.store_path.parent.mkdir(parents=True, exist_ok=True)
         gen = iter_embed_slide(
             req.slide_path, req.store_path, encoder=encoder, grid=req.grid,
             slide_mpp=req.slide_mpp, overwrite=req.overwrite,
-            batch_size=64 if encoder.device.type == "cuda" else 16,
+            batch_size=encoder.default_batch_size,
         )  # fmt: skip
         try:
             while True:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, grid: Any, todo: list[tuple[str, Path]], roi: 
         retry_failed=args.retry_failed,
         **roi,
     )
-    load_kwargs = {"backend": args.backend} if getattr(args, "backend", None) else {}
+    load_kwargs = {"backend": args.backend, "compile": bool(args.compile)}
     display = _Display(len(todo))
     with connect(local=local, scheduler=args.scheduler, scheduler_file=args.scheduler_file) as c:
         print(f"cohort: {len(todo)} slide{'s' if len(todo) != 1 else ''} on {c.description}")

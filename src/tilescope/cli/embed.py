@@ -106,10 +106,14 @@ def run(args: argparse.Namespace) -> int:
         return status or EXIT_ERROR
     if _cohort_embed.wanted(args):  # one Dask task per slide (tilescope.cohort)
         return _cohort_embed.run(args, grid, todo, roi) or status
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(
+        args.model, device=args.device, backend=args.backend, compile=args.compile
+    )
     if not encoder.trained:
         print(f"NOTE: {encoder.label}: embeddings are for testing the pipeline only.")
-    batch = args.batch_size or (64 if encoder.device.type == "cuda" else 16)
+    batch = args.batch_size or encoder.default_batch_size
+    print(f"image tower: {encoder.backend} {encoder.compute_precision} on {encoder.device}, "
+          f"{batch} tiles per batch")  # fmt: skip
     for slide, target in todo:
         # embed_slide decides: it resumes a store made with these settings (a finished one is
         # a fast no-op), repairs a damaged one, and refuses one made with other settings
@@ -179,6 +183,8 @@ def _roi(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: Any) -> None:
+    from ..models import BACKENDS
+
     p = sub.add_parser("embed", help="tile and embed slides into zarr stores (resumable)")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to embed")
     p.add_argument(
@@ -211,10 +217,23 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best)")
     p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what runs the image tower: torch, or openvino (CPU; bf16 where the CPU has it). "
+        "auto (default): openvino on a CPU with native bf16, else torch",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the image tower (torch backend; pays off on GPUs for long runs)",
+    )
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=None,
-        help="tiles per batch (default: 64 on CUDA, else 16)",
+        help="tiles per batch (default: 256 on a GPU with 12 GB or more, 64 on smaller GPUs "
+        "and MPS, 16 on a CPU)",
     )
     p.add_argument("--workers", type=positive_int, default=2, help="tile reader threads (2)")
     p.add_argument(
