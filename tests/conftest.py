@@ -15,7 +15,11 @@ import pytest
 # model fixtures (tiny_encoder, snapshot_dir, offline_hub, no_network) for every test module
 from model_fixtures import *  # noqa: E402,F403,I001
 
+from tilescope._torch_env import preload_triton
 from tilescope.synthetic import Blob, SyntheticSlide
+
+# Tests import torch directly too, some after a napari canvas loaded Mesa's LLVM: see _torch_env.
+preload_triton()
 
 # The same physical tissue (blobs in µm) over a 1536 x 1024 µm slide, at two base resolutions.
 PHYSICAL_BLOBS = (

@@ -104,6 +104,9 @@ def pick_device(requested: str | None = None) -> torch.device:
     ModelError
         If the requested device does not exist or is not available in this torch build.
     """
+    from ._torch_env import preload_triton
+
+    preload_triton()  # before torch, also in napari's process (see _torch_env)
     import torch
 
     if requested is None or requested == "auto":

@@ -5,9 +5,6 @@ Slide layers are in `_slides`, stores in `_stores`, messages in `_messages`.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +58,6 @@ def get_encoder(name: str, device: str | None = None, backend: str | None = None
                     return enc
         key = (name, dkey, chosen)
         if key not in _ENCODERS:
-            _preload_triton()
             enc = load_encoder(name, device=str(dev), backend=chosen)
             _ENCODERS[key] = _ENCODERS.setdefault((enc.model_id, dkey, chosen), enc)
         return _ENCODERS[key]
@@ -74,27 +70,6 @@ def register_encoder(encoder: Encoder) -> Encoder:
         return _ENCODERS.setdefault(key, encoder)
 
 
-def _preload_triton() -> None:
-    """Import triton (when installed) with ``RTLD_DEEPBIND`` before torch pulls it in.
-
-    Triton's library carries its own LLVM. In a process where Mesa's OpenGL already runs (napari's
-    canvas under llvmpipe, as with Xvfb and many VMs, or radeonsi on AMD GPUs) Mesa has loaded
-    libLLVM with global symbols, triton's resolve to Mesa's and the import segfaults (torch
-    imports triton via torchvision -> torch._dynamo). Deep binding makes libtriton use its
-    own symbols. Linux only; elsewhere, or once triton is imported, nothing happens.
-    """
-    if "triton" in sys.modules or not hasattr(os, "RTLD_DEEPBIND"):
-        return
-    if importlib.util.find_spec("triton") is None:
-        return
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        sys.modules["triton"] = None  # type: ignore[assignment]  # torch then runs without it
-    finally:
-        sys.setdlopenflags(flags)
 
 
 def encoder_for_store(store: EmbeddingStore, device: str | None = None) -> Encoder:

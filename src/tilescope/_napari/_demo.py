@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .._torch_env import preload_triton
 from ..demo import DEFAULT_PROMPTS, TEMPLATES, demo_encoder, query_box, untrained_notice
 from ..embed import embed_slide, store_path_for
 from ..models import DEFAULT_MODEL
-from ._common import _preload_triton, open_store, register_encoder
+from ._common import open_store, register_encoder
 from ._layers import SlideFrame
 from ._messages import notify_warning
 from ._reader import read_slides
@@ -94,7 +95,7 @@ def launch(slide: Path, out: Path, model: str | None, device: str | None) -> int
 
     from ..cli._common import ProgressBar
 
-    _preload_triton()  # before torch: see _common._preload_triton
+    preload_triton()  # before torch: see tilescope._torch_env
     encoder = demo_encoder(model, device)
     store_path = store_path_for(slide, out)
     bar = ProgressBar(f"embedding {slide.name}")  # the CLI's terminal bar (this run's rate)
