@@ -460,7 +460,7 @@ def test_a_cancelled_search_says_how_far_the_index_got(cohort: Path, monkeypatch
     monkeypatch.setattr(_append, "READ_ROWS", 16)
     q = EmbeddingStore.open(cohort / "s2.zarr").embeddings[3]
     hook = StopAfter(48 + 16)
-    with pytest.raises(SearchCancelled, match="1 of 3 stores added") as err:
+    with pytest.raises(SearchCancelled, match="holds 1 of the 3 complete stores") as err:
         search_folder(q, cohort, model=MODEL, k=5, on_rows=hook.on_rows,
                       should_stop=hook.should_stop)  # fmt: skip
     assert "next search goes on from there" in str(err.value)
@@ -517,3 +517,22 @@ def test_the_index_folder_is_never_taken_for_stores(cohort: Path, tmp_path: Path
             update_index(wrong)
     assert main(["search", str(cohort / "s0.zarr"), "--region", "200,200,10,10", "--against",
                  str(cohort / "tilescope-index")]) == 1  # fmt: skip
+
+
+def test_cli_says_when_the_approximate_index_answered(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "c"
+    for i in range(4):
+        make(folder, f"s{i}", seed=60 + i)
+    update_index(folder, ann="on")
+    query = folder / "s1.zarr"
+    x, y = (int(v) for v in EmbeddingStore.open(query).coords[0])
+    argv = ["search", str(query), "--region", f"{x + 50},{y + 50},20,20", "--against",
+            str(folder), "-k", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "searched through the approximate index" in out and "--exact searches" in out
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["searched"]["approximate"] is True and "--exact" not in " ".join(data["notes"])
+    assert main([*argv, "--exact"]) == 0
+    assert "approximate" not in capsys.readouterr().out

@@ -126,8 +126,6 @@ class OtherSlides:
         )  # fmt: skip
 
     def apply_folder(self, run: FolderRun, found: CohortResult) -> None:
-        from qtpy.QtWidgets import QHeaderView
-
         self._folder_run = run
         matches = found.matches
         self.other_matches = matches
@@ -136,9 +134,7 @@ class OtherSlides:
             "index": [str(i) for i in range(1, len(matches) + 1)],
             "columns": ["slide", "x", "y", "similarity"],
         }
-        header = self._results.native.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)  # the slide name
+        fit_columns(self._results)
         for i, m in enumerate(matches):
             item = self._results.native.item(i, 0)
             if item is not None:
@@ -297,6 +293,16 @@ class OtherSlides:
             self.go_to_match(self.other_matches[row])
         except Exception as exc:
             self._on_error(exc)
+
+
+def fit_columns(table: Any) -> None:
+    """The results table's columns: x, y and similarity as wide as their contents, the slide
+    name takes the rest (no horizontal scroll bar in a narrow dock)."""
+    from qtpy.QtWidgets import QHeaderView
+
+    header = table.native.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)  # the slide name
 
 
 def indexing_text(folder: Path, done: int, total: int) -> str:

@@ -44,7 +44,7 @@ from ._layers import (
     shapes_to_world_polygons,
 )
 from ._messages import StatusLabel, compact_combo, report_error, wrapping
-from ._search_other import FOLDER_ROLE, OtherSlides
+from ._search_other import FOLDER_ROLE, OtherSlides, fit_columns
 from ._slides import (
     no_slide_error,
     slide_choices,
@@ -150,6 +150,7 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         self._results.tooltip = "Double-click a match to go there (its slide opens if needed)"
         self._results.native.verticalHeader().setDefaultSectionSize(20)
         self._results.native.setMinimumHeight(64)
+        fit_columns(self._results)
         self._status = StatusLabel()
         negative = row(self._negative, self._neg_weight, labels=True)
         negative.label, self._negative.label = "not like this", ""

@@ -244,10 +244,9 @@ def _current(
         else:
             if rep.cancelled:
                 raise SearchCancelled(
-                    f"search cancelled while the index of {root} was being written: "
-                    f"{len(rep.added)} of {rep.n_todo} stores added (the index holds "
-                    f"{rep.n_stores} of the {len(group)} complete stores); the next search "
-                    "goes on from there"
+                    f"search cancelled while the index of {root} was being written: it holds "
+                    f"{rep.n_stores} of the {len(group)} complete stores ({len(rep.added)} "
+                    "added now); the next search goes on from there"
                 )
             say(
                 f"index {rep.path}: {rep.n_stores} stores, {rep.n_live:,} patches "
