@@ -90,11 +90,16 @@ def index_blocks(ix: MappedIndex, entry: StoreEntry) -> Iterator[dict[str, Any]]
                "row": ix.row[a:b].copy(), "coords": ix.coords[a:b].copy()}  # fmt: skip
 
 
-def open_sources(todo: list[Found], model: dict[str, Any], report: Report) -> list[Source]:
+def open_sources(
+    todo: list[Found], model: dict[str, Any], report: Report, hooks: Hooks | None = None
+) -> list[Source]:
     """The stores to add, opened and checked; those that cannot be read go to
-    ``report.skipped`` with the reason."""
+    ``report.skipped`` with the reason. A stop request ends the opening (`append` then
+    writes nothing)."""
     out: list[Source] = []
     for f in todo:
+        if hooks is not None and hooks.stop():
+            break
         try:
             st, blocks = store_blocks(f, model)
         except (StoreError, OSError) as exc:

@@ -167,7 +167,7 @@ def update_model(
                      ann=ann, min_rows=min_ann_rows)  # fmt: skip
         elif todo or report.dropped:
             assert old is not None
-            sources = open_sources(todo, model, report)
+            sources = open_sources(todo, model, report, hooks)
             say(f"{path.name}: adding {len(sources)} stores, dropping {len(report.dropped)}")
             new, report.cancelled = append(path, old, sources, hooks)
             report.added = [e.path for e in new]
@@ -219,7 +219,7 @@ def _rewrite(
     if ix is not None:
         d = ix.d
         sources += [(e, None, index_blocks(ix, e)) for e in keep]
-    opened = open_sources(todo, model, report)
+    opened = open_sources(todo, model, report, hooks)
     if not d and opened:
         d = int(opened[0][1].embed_dim)
     if not d:  # nothing readable to index
