@@ -40,8 +40,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from tilescope.index import CohortIndex
+from tilescope.index._append import Hooks, append
 from tilescope.index._layout import Manifest, create_group, write_manifest
-from tilescope.index._update import Found, _ann_update, _append
+from tilescope.index._update import Found, _ann_update
 from tilescope.search import similarity, top_k
 
 STORE_ROWS = 65_536  # patches per synthetic slide (one generated block each)
@@ -89,10 +90,10 @@ def write_index(path: Path, clusters: Clusters, n: int, ann: str, say=print) -> 
     for i, a in enumerate(range(0, n, STORE_ROWS)):
         b = min(a + STORE_ROWS, n)
         st = SimpleNamespace(slide_name=f"slide{i:05d}", generation="g", n_tiles=b - a,
-                             tile_l0=448.0, level0_mpp=0.25)  # fmt: skip
+                             n_done=b - a, tile_l0=448.0, level0_mpp=0.25)  # fmt: skip
         sources.append((Found(f"slide{i:05d}.zarr", path, {}), st, blocks(a, b)))
-    man.stores = _append(path, man, sources, lambda m: None)
-    _ann_update(path, man, ann, 0, say)
+    man.stores, _ = append(path, man, sources, Hooks())
+    _ann_update(path, man, ann, 0, Hooks.of(say))
     write_manifest(path, man)
     return time.perf_counter() - t0
 

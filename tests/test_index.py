@@ -362,3 +362,177 @@ def test_cli_index_and_search_end_to_end(cohort: Path, capsys) -> None:
     captured = capsys.readouterr()
     assert "updating" not in captured.err and "s3.svs" in captured.out
     assert new.slide_name == "s3.svs"
+
+
+# -- progress and cancel ------------------------------------------------------------------------
+class StopAfter:
+    """`on_rows` and `should_stop` of an update that is asked to stop once `rows` rows are
+    written; records every (rows written, rows to write) report."""
+
+    def __init__(self, rows: int | None) -> None:
+        self.rows, self.seen = rows, []
+
+    def on_rows(self, done: int, total: int) -> None:
+        self.seen.append((done, total))
+
+    def should_stop(self) -> bool:
+        return self.rows is not None and bool(self.seen) and self.seen[-1][0] >= self.rows
+
+
+def live_names(index: Path) -> list[str]:
+    return sorted(e.path for e in read_manifest(index).stores)
+
+
+def test_a_cancelled_build_keeps_the_whole_stores_written(tmp_path: Path, monkeypatch) -> None:
+    """A stop during the first build publishes an index of the stores written whole; the next
+    update adds the rest. Rows are reported as they are written."""
+    from tilescope.index import _append
+
+    monkeypatch.setattr(_append, "READ_ROWS", 16)  # 3 blocks per store: stops inside one
+    folder = tmp_path / "c"
+    for i in range(5):
+        make(folder, f"s{i}", seed=40 + i)
+    hook = StopAfter(2 * 48 + 16)  # in the third store
+    (rep,) = update_index(folder, on_rows=hook.on_rows, should_stop=hook.should_stop)
+    assert rep.cancelled and rep.added == ["s0.zarr", "s1.zarr"] and rep.n_todo == 5
+    assert hook.seen[0] == (0, 5 * 48) and hook.seen[-1] == (2 * 48 + 16, 5 * 48)
+    assert [d for d, _ in hook.seen] == sorted(d for d, _ in hook.seen)
+    assert live_names(rep.path) == ["s0.zarr", "s1.zarr"]
+    man = read_manifest(rep.path)
+    assert man.n_rows == man.n_live == 2 * 48  # the third store's rows are not committed
+    q = EmbeddingStore.open(folder / "s1.zarr").embeddings[9]
+    got = names(search_index(rep.path, q, k=10))
+    sub = tmp_path / "two"
+    sub.mkdir()
+    for name in ("s0.zarr", "s1.zarr"):
+        (sub / name).symlink_to(folder / name, target_is_directory=True)
+    assert got == [(s, i) for s, i, _ in brute_force(sub, q, 10, np.float16)]  # usable
+    done = StopAfter(None)
+    (rep2,) = update_index(folder, on_rows=done.on_rows)
+    assert not rep2.cancelled and rep2.added == ["s2.zarr", "s3.zarr", "s4.zarr"]
+    assert done.seen[-1] == (3 * 48, 3 * 48) and rep2.n_live == rep2.n_rows == 5 * 48
+    assert names(search_index(rep.path, q, k=10)) == [
+        (s, i) for s, i, _ in brute_force(folder, q, 10, np.float16)]  # fmt: skip
+
+
+def test_a_cancelled_update_commits_the_stores_appended(cohort: Path, monkeypatch) -> None:
+    from tilescope.index import _append
+
+    monkeypatch.setattr(_append, "READ_ROWS", 16)
+    (rep,) = update_index(cohort)
+    for i in (3, 4, 5):
+        make(cohort, f"s{i}", seed=i)
+    hook = StopAfter(48 + 16)  # in the second new store
+    (rep2,) = update_index(cohort, on_rows=hook.on_rows, should_stop=hook.should_stop)
+    assert rep2.cancelled and rep2.added == ["s3.zarr"] and not rep2.rebuilt
+    assert live_names(rep.path) == ["s0.zarr", "s1.zarr", "s2.zarr", "s3.zarr"]
+    assert read_manifest(rep.path).n_rows == 4 * 48
+    new = EmbeddingStore.open(cohort / "s3.zarr")
+    assert names(search_index(rep.path, new.embeddings[5], k=1)) == [("s3.zarr", 5)]
+    (rep3,) = update_index(cohort)  # goes on from there: the rows past n_rows are rewritten
+    assert rep3.added == ["s4.zarr", "s5.zarr"] and rep3.n_rows == rep3.n_live == 6 * 48
+    for name in ("s4.zarr", "s5.zarr"):
+        q = EmbeddingStore.open(cohort / name).embeddings[40]
+        assert names(search_index(rep.path, q, k=1)) == [(name, 40)]
+
+
+def test_a_cancelled_compaction_leaves_the_old_index(cohort: Path, monkeypatch) -> None:
+    from tilescope.index import _append
+
+    monkeypatch.setattr(_append, "READ_ROWS", 16)
+    (rep,) = update_index(cohort)
+    gen = read_manifest(rep.path).generation
+    shutil.rmtree(cohort / "s0.zarr")  # a third dead: a rewrite, kept rows copied first
+    hook = StopAfter(16)  # before the kept stores are all copied
+    (rep2,) = update_index(cohort, on_rows=hook.on_rows, should_stop=hook.should_stop)
+    assert rep2.cancelled and not rep2.added and not rep2.dropped and not rep2.rebuilt
+    man = read_manifest(rep.path)
+    assert man.generation == gen and live_names(rep.path) == ["s0.zarr", "s1.zarr", "s2.zarr"]
+    assert not list(rep.path.parent.glob(".*tmp"))  # the copy aside is gone
+    (rep3,) = update_index(cohort)
+    assert rep3.rebuilt and rep3.dropped == ["s0.zarr"] and rep3.n_live == 2 * 48
+
+
+def test_a_cancelled_search_says_how_far_the_index_got(cohort: Path, monkeypatch) -> None:
+    from tilescope.errors import SearchCancelled
+    from tilescope.index import _append
+
+    monkeypatch.setattr(_append, "READ_ROWS", 16)
+    q = EmbeddingStore.open(cohort / "s2.zarr").embeddings[3]
+    hook = StopAfter(48 + 16)
+    with pytest.raises(SearchCancelled, match="holds 1 of the 3 complete stores") as err:
+        search_folder(q, cohort, model=MODEL, k=5, on_rows=hook.on_rows,
+                      should_stop=hook.should_stop)  # fmt: skip
+    assert "next search goes on from there" in str(err.value)
+    assert live_names(index_of(cohort)) == ["s0.zarr"]
+    said: list[str] = []
+    res = search_folder(q, cohort, model=MODEL, k=5, progress=said.append)
+    assert any("updating the cohort index" in m for m in said)
+    assert names(res.matches) == [(s, i) for s, i, _ in brute_force(cohort, q, 5, np.float16)]
+    assert res.n_indexed == 3 and not res.n_direct and not res.notes
+
+
+def test_partial_stores_read_directly_are_noted(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    make(folder, "whole", seed=1)
+    part = make(folder, "part", seed=2, done=np.arange(48) < 20, complete=False)
+    res = search_folder(part.embeddings[3], folder, model=MODEL, k=3)
+    (note,) = res.notes
+    assert note.startswith(f"1 stores of {folder} read directly") and "part.zarr" in note
+    assert "partial" in note and not res.approximate
+
+
+# -- the index folder is never a store ----------------------------------------------------------
+def test_the_index_folder_is_never_taken_for_stores(cohort: Path, tmp_path: Path) -> None:
+    import warnings
+
+    from tilescope.catalog import find_stores, read_signature
+    from tilescope.index import is_index, search_cohort
+
+    sub = cohort / "more"
+    make(sub, "t0", seed=7)
+    update_index(sub)  # a sub-folder's own index, inside the cohort
+    (rep,) = update_index(cohort)
+    stores = ["more/t0.zarr", "s0.zarr", "s1.zarr", "s2.zarr"]
+    assert rep.added == stores
+    for folder in (cohort, sub):
+        assert is_index(folder / "tilescope-index") and not is_index(folder)
+        for p in (folder / "tilescope-index").iterdir():
+            assert read_signature(p) is None and (not p.is_dir() or is_index(p))
+    assert not is_index(cohort / "s0.zarr")
+    assert [p.relative_to(cohort).as_posix() for p in find_stores(cohort, recursive=True)] == (
+        sorted(stores))  # fmt: skip
+    assert [p.name for p in find_stores(cohort)] == ["s0.zarr", "s1.zarr", "s2.zarr"]
+    q = EmbeddingStore.open(cohort / "s0.zarr").embeddings[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipped zarr folders that are not stores"
+        res = search_folder(q, cohort, model=MODEL, k=3)
+        (again,) = update_index(cohort)
+    assert not again.changed and res.n_indexed == 4
+    for wrong in (cohort / "tilescope-index", rep.path):
+        for search in (search_folder, search_cohort):
+            with pytest.raises(SearchError, match=f"cohort index of {cohort}, not a folder"):
+                search(q, wrong, model=MODEL, k=3)
+        with pytest.raises(SearchError, match=f"choose {cohort}"):
+            update_index(wrong)
+    assert main(["search", str(cohort / "s0.zarr"), "--region", "200,200,10,10", "--against",
+                 str(cohort / "tilescope-index")]) == 1  # fmt: skip
+
+
+def test_cli_says_when_the_approximate_index_answered(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "c"
+    for i in range(4):
+        make(folder, f"s{i}", seed=60 + i)
+    update_index(folder, ann="on")
+    query = folder / "s1.zarr"
+    x, y = (int(v) for v in EmbeddingStore.open(query).coords[0])
+    argv = ["search", str(query), "--region", f"{x + 50},{y + 50},20,20", "--against",
+            str(folder), "-k", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "searched through the approximate index" in out and "--exact searches" in out
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["searched"]["approximate"] is True and "--exact" not in " ".join(data["notes"])
+    assert main([*argv, "--exact"]) == 0
+    assert "approximate" not in capsys.readouterr().out

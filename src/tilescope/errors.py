@@ -130,3 +130,8 @@ class IndexBusyError(SearchError):
 
 class IndexCorruptError(SearchError):
     """A cohort index is damaged or not in a layout this version reads; rebuild it."""
+
+
+class SearchCancelled(SearchError):
+    """The user stopped a search while its folder's index was being brought up to date; the
+    index keeps the stores written so far, and the next search goes on from there."""

@@ -5,7 +5,9 @@ The query is built by `tilescope.search` from the stored embeddings of the tiles
 lies inside the drawn shapes; the widget only turns shapes into level-0 polygons and results
 into layers (a similarity heatmap and numbered rectangles of the top matches, named after their
 slide and updated in place). *Next* / *Previous* (keys ``.`` and ``,``) step through the
-matches; a double-click on a match of another slide opens that slide and goes there.
+matches. *Search other slides* searches a folder of stores through its cohort index, as
+``tilescope search --against`` does (`_search_other`); a double-click on a match of another
+slide opens that slide and goes there.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ._layers import (
     shapes_to_world_polygons,
 )
 from ._messages import StatusLabel, compact_combo, report_error, wrapping
-from ._search_other import FOLDER_ROLE, OtherSlides
+from ._search_other import FOLDER_ROLE, OtherSlides, fit_columns
 from ._slides import (
     no_slide_error,
     slide_choices,
@@ -96,7 +98,8 @@ class RegionSearchWidget(OtherSlides, DockContainer):
     Parts: ``_slide``, ``_store`` (store picker), ``_positive`` / ``_negative`` (shapes
     layers), ``_draw`` / ``_draw_negative``, ``_neg_weight``, ``_k``, ``_exclude``,
     ``_search``, ``_prev``, ``_next``, ``_zoom``, ``_match`` (current match), ``_legend``,
-    ``_folder``, ``_search_folder``, ``_results`` (matches on other slides), ``_status``.
+    ``_folder``, ``_per_slide`` (0: no cap), ``_search_folder``, ``_cancel_folder``,
+    ``_results`` (matches on other slides), ``_status``.
     ``synchronous = True`` runs button presses inline (tests).
     """
 
@@ -127,29 +130,46 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         self._match = wrapping(Label(value=""))
         self._legend = wrapping(Label(value=""))
         self._folder = FileEdit(label="other slides", mode=FileDialogMode.EXISTING_DIRECTORY)
-        self._folder.tooltip = "A folder of .zarr embedding stores made with the same model"
+        self._folder.tooltip = (
+            "A folder of .zarr embedding stores made with the same model (sub-folders too), "
+            "searched through its index (FOLDER/tilescope-index, built or updated when needed)"
+        )
+        self._per_slide = SpinBox(label="per slide", value=0, min=0, max=1000)
+        self._per_slide.tooltip = (
+            "At most this many matches from any one slide, so one slide cannot take every "
+            "result (0: no cap)"
+        )
         self._search_folder = PushButton(text="Search other slides")
+        self._cancel_folder = PushButton(text="Cancel", enabled=False)
+        self._cancel_folder.tooltip = (
+            "Stop building the folder's index; the stores written so far stay in it and the "
+            "next search goes on from there"
+        )
         self._results = Table(columns=("slide", "x", "y", "similarity"))
         self._results.read_only = True
         self._results.tooltip = "Double-click a match to go there (its slide opens if needed)"
         self._results.native.verticalHeader().setDefaultSectionSize(20)
         self._results.native.setMinimumHeight(64)
+        fit_columns(self._results)
         self._status = StatusLabel()
         negative = row(self._negative, self._neg_weight, labels=True)
         negative.label, self._negative.label = "not like this", ""
         k = row(self._k, self._zoom, labels=True)
         k.label, self._k.label, self._zoom.label = "matches", "", ""
+        other = row(self._per_slide, self._search_folder, self._cancel_folder, labels=True)
+        other.label, self._per_slide.label = "per slide", ""
+        self._search_folder.label = self._cancel_folder.label = ""
         self.extend(
             [self._slide, self._store, row(self._draw, self._draw_negative), self._positive,
              negative, k, row(self._search, self._exclude), row(self._prev, self._next),
-             self._match, self._legend, self._folder, self._search_folder, self._results,
-             self._status]
+             self._match, self._legend, self._folder, other, self._results, self._status]
         )  # fmt: skip
         self._store.on_error = self._on_error
         self._draw.changed.connect(lambda: self.draw_layer(QUERY_LAYER))
         self._draw_negative.changed.connect(lambda: self.draw_layer(NEGATIVE_LAYER))
         self._search.changed.connect(self._on_search)
         self._search_folder.changed.connect(self._on_search_folder)
+        self._cancel_folder.changed.connect(self._on_cancel_folder)
         self._prev.changed.connect(lambda: self.step(-1))
         self._next.changed.connect(lambda: self.step(+1))
         self._slide.changed.connect(self._store.set_slide)

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                         "through_index": found.n_indexed,
                         "directly": found.n_direct,
                         "indexes": found.indexes,
+                        "approximate": found.approximate,
                     },  # fmt: skip
                     "notes": found.notes,
                     "matches": [m.__dict__ for m in matches],
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"NOTE: --unlike {' and '.join(args.unlike)} covers no embedded tiles")
         for note in found.notes:
             print(f"NOTE: {note}")
+        if found.approximate:
+            print("NOTE: --exact searches every patch exactly")
         cap = f", at most {args.per_slide} per slide" if args.per_slide else ""
         print(f"query: {len(pos)} tiles like, {len(neg)} unlike; top {len(matches)} matches{cap}")
         for rank, m in enumerate(matches, 1):

@@ -20,15 +20,9 @@ from __future__ import annotations
 
 from ._ann import ANN_MIN_ROWS
 from ._cohort import CohortResult, search_cohort
-from ._layout import INDEX_DIRNAME, Manifest, index_dir, read_manifest
-from ._query import (
-    CohortIndex,
-    FolderSearch,
-    index_path_for,
-    search_folder,
-    search_index,
-    update_index,
-)
+from ._folder import FolderSearch, index_path_for, search_folder, update_index
+from ._layout import INDEX_DIRNAME, Manifest, index_dir, is_index, read_manifest
+from ._query import CohortIndex, search_index
 from ._update import Report, discover
 
 __all__ = [
@@ -42,6 +36,7 @@ __all__ = [
     "discover",
     "index_dir",
     "index_path_for",
+    "is_index",
     "read_manifest",
     "search_cohort",
     "search_folder",

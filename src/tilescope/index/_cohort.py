@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..search import Match, _store_paths, search_stores
-from ._query import search_folder
+from ._folder import _folder_of_stores, search_folder
 
 
 @dataclass
@@ -24,6 +24,7 @@ class CohortResult:
     indexes: list[str]  # the folder indexes used
     n_indexed: int  # stores searched through an index
     n_direct: int  # stores read directly
+    approximate: bool = False  # an approximate index answered (a near match may be missed)
 
 
 def search_cohort(
@@ -37,15 +38,23 @@ def search_cohort(
     use_index: bool = True,
     exact: bool = False,
     progress: Callable[[str], None] | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CohortResult:
-    """The `k` best matches over stores and folders of stores, best first.
+    """The `k` best matches over stores and folders of stores, best first: what
+    ``tilescope search --against`` and the Region search widget's *Search other slides* use.
 
     A folder is searched through its cohort index (`tilescope.index.search_folder`: built or
-    brought up to date first, `progress` hears about it; partial stores read directly); a
-    store path is read directly (`search_stores`). ``use_index=False`` reads every store, as
-    before the index existed; ``exact`` never uses the approximate index.
+    brought up to date first, `progress` hears about it and `on_rows` gets (rows written,
+    rows to write); partial stores read directly); a store path is read directly
+    (`search_stores`). ``use_index=False`` reads every store, as before the index existed;
+    ``exact`` never uses the approximate index. `should_stop` is polled while an index is
+    written: True commits the stores written so far and raises `SearchCancelled`.
+    A cohort index folder (``FOLDER/tilescope-index``) is refused, naming FOLDER.
     """
     entries = [targets] if isinstance(targets, (str, PathLike)) else list(targets)
+    for entry in entries:
+        _folder_of_stores(Path(entry))
     folders = [Path(p) for p in entries if _is_folder_of_stores(Path(p))]
     stores = [p for p in entries if not _is_folder_of_stores(Path(p))]
     if not use_index:
@@ -54,12 +63,15 @@ def search_cohort(
     notes: list[str] = []
     indexes: list[str] = []
     n_indexed = n_direct = 0
+    approximate = False
     for folder in folders:
         res = search_folder(query, folder, model=model, k=k, per_slide=per_slide,
                             exclude=exclude, mode="exact" if exact else "auto",
-                            progress=progress)  # fmt: skip
+                            progress=progress, on_rows=on_rows,
+                            should_stop=should_stop)  # fmt: skip
         found += res.matches
         notes += res.notes
+        approximate = approximate or res.approximate
         indexes += [str(res.index)] if res.index else []
         n_indexed, n_direct = n_indexed + res.n_indexed, n_direct + res.n_direct
     if stores:
@@ -77,7 +89,7 @@ def search_cohort(
                 seen[key] = seen.get(key, 0) + 1
                 capped.append(m)
         ranked = capped
-    return CohortResult(ranked[:k], notes, indexes, n_indexed, n_direct)
+    return CohortResult(ranked[:k], notes, indexes, n_indexed, n_direct, approximate)
 
 
 def _is_folder_of_stores(p: Path) -> bool:

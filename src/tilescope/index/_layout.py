@@ -82,6 +82,19 @@ def index_dir(folder: Path) -> Path:
     return folder / INDEX_DIRNAME
 
 
+def is_index(path: Path) -> bool:
+    """True for a cohort index folder (``FOLDER/tilescope-index``) or an index group in it:
+    never a store, nor a folder of stores. Reads one small JSON at most; never raises."""
+    p = Path(path)
+    if p.name == INDEX_DIRNAME and p.is_dir():
+        return True
+    try:
+        meta = json.loads((p / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ATTR in (meta.get("attributes") or {})
+
+
 @dataclass
 class StoreEntry:
     """One store in the index: where its rows are and what it was when indexed."""

@@ -4,19 +4,16 @@ replaced ones, compact, keep the approximate index in step. Crash-safe (see `upd
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import zarr
-from zarr.storage import LocalStore
-
 from .. import _fsops
 from ..catalog import read_signature
-from ..errors import IndexCorruptError, StoreError
+from ..errors import IndexCorruptError
 from . import _ann
+from ._append import Hooks, Source, append, index_blocks, open_sources
 from ._layout import (
     INDEX_DIRNAME,
     Manifest,
@@ -25,17 +22,14 @@ from ._layout import (
     create_group,
     index_dir,
     index_name,
-    model_identity,
     read_manifest,
     write_manifest,
 )
-from ._scan import MappedIndex, quantize_rows
+from ._scan import MappedIndex
 
 Progress = Callable[[str], None]
 #: Compact (rewrite aside) when more than this fraction of the rows would be dead.
 COMPACT_FRACTION = 0.25
-#: Rows read from a store at a time.
-READ_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -68,9 +62,8 @@ def discover(folder: Path) -> tuple[list[Found], list[Path]]:
         except OSError:
             continue
         for e in entries:
-            if e.name.startswith(".") or not e.is_dir() or (here == folder and e.name ==
-                                                              INDEX_DIRNAME):  # fmt: skip
-                continue
+            if e.name.startswith(".") or e.name == INDEX_DIRNAME or not e.is_dir():
+                continue  # an index folder (this folder's, or a sub-folder's) holds no store
             sig = read_signature(e)
             if sig is not None:
                 stores.append(Found(e.relative_to(folder).as_posix(), e, sig))
@@ -96,129 +89,13 @@ class Report:
     n_stores: int = 0
     ann: str | None = None
     seconds: float = 0.0
+    #: stopped on request (`should_stop`): the stores in `added` were committed, the rest not
+    cancelled: bool = False
+    n_todo: int = 0  # stores this update had to add (read or copied)
 
     @property
     def changed(self) -> bool:
         return bool(self.added or self.dropped or self.rebuilt)
-
-
-def _store_blocks(found: Found, model: dict[str, Any]) -> tuple[Any, Iterator[dict[str, Any]]]:
-    """Open a store (checked) and yield its embedded rows in blocks, as index columns."""
-    from ..store import EmbeddingStore
-
-    st = EmbeddingStore.open(found.path)
-    if not st.complete:
-        raise StoreError(f"{found.path}: not complete")
-    if model_identity(st.signature["model"]) != model or st.embed_dim != model.get(
-        "embed_dim", st.embed_dim
-    ):
-        raise StoreError(f"{found.path}: made with another model")
-
-    def blocks() -> Iterator[dict[str, Any]]:
-        done = st.done
-        for a in range(0, st.n_tiles, READ_ROWS):
-            b = min(a + READ_ROWS, st.n_tiles)
-            rows = np.flatnonzero(done[a:b])
-            if not len(rows):
-                continue
-            emb = st.read_embeddings(a, b)[rows].astype(np.float16)
-            yield {"embeddings": emb, "row": (rows + a).astype(np.int64),
-                   "coords": st.coords[a + rows].astype(np.int64)}  # fmt: skip
-
-    return st, blocks()
-
-
-def _index_blocks(ix: MappedIndex, entry: StoreEntry) -> Iterator[dict[str, Any]]:
-    """The rows of one store already in an index (for a compaction: no store read again)."""
-    for a in range(entry.start, entry.stop, READ_ROWS):
-        b = min(a + READ_ROWS, entry.stop)
-        yield {"embeddings": _ann._rows_f32(ix, a, b).astype(np.float16),
-               "row": ix.row[a:b].copy(), "coords": ix.coords[a:b].copy()}  # fmt: skip
-
-
-class _Appender:
-    """Writes rows at the end of the index arrays, whole chunks at a time."""
-
-    def __init__(self, path: Path, start: int, chunk_rows: int) -> None:
-        group = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3,
-                                use_consolidated=False)  # fmt: skip
-        # every chunk gets its file, even one equal to the fill value (search maps the files)
-        full: Any = {"write_empty_chunks": True}  # an ArrayConfigParams
-        self.arrays = {k: a.with_config(full) for k, a in group.arrays()}
-        self.pos, self.rows = start, chunk_rows
-        self.buf: list[dict[str, np.ndarray]] = []
-        self.n_buf = 0
-
-    def add(self, cols: dict[str, np.ndarray], store_id: int) -> None:
-        q8, scale, err, norm = quantize_rows(cols["embeddings"])
-        n = len(q8)
-        sid = np.full(n, store_id, np.int32)
-        self.buf.append({**cols, "scan_i8": q8, "scan_scale": scale, "scan_err": err,
-                         "scan_norm": norm, "store_id": sid})  # fmt: skip
-        self.n_buf += n
-        boundary = (self.pos // self.rows + 1) * self.rows
-        if self.pos + self.n_buf >= boundary:
-            self.flush(boundary - self.pos)
-
-    def flush(self, upto: int | None = None) -> None:
-        """Write all buffered rows, or those up to the last whole chunk past `upto`."""
-        if not self.n_buf:
-            return
-        cols = {k: np.concatenate([b[k] for b in self.buf]) for k in self.buf[0]}
-        n = self.n_buf if upto is None else upto + (self.n_buf - upto) // self.rows * self.rows
-        end = self.pos + n
-        for name, arr in self.arrays.items():
-            if arr.shape[0] < end:
-                arr.resize((end, *arr.shape[1:]))
-            arr[self.pos : end] = cols[name][:n]
-        self.pos = end
-        rest = {k: v[n:] for k, v in cols.items()}
-        self.buf = [rest] if len(rest["row"]) else []
-        self.n_buf = len(rest["row"])
-
-
-def _append(
-    path: Path,
-    man: Manifest,
-    sources: list[tuple[Found | StoreEntry, Any, Iterator[dict[str, Any]]]],
-    progress: Progress,
-) -> list[StoreEntry]:
-    """Append each source's rows at ``man.n_rows``; returns the new entries (not committed)."""
-    app = _Appender(path, man.n_rows, man.chunk_rows)
-    entries = []
-    for i, (src, st, blocks) in enumerate(sources, 1):
-        start = app.pos + app.n_buf
-        sid = man.next_id
-        man.next_id += 1
-        for cols in blocks:
-            app.add(cols, sid)
-        stop = app.pos + app.n_buf
-        if isinstance(src, StoreEntry):
-            e = StoreEntry(**{**src.to_json(), "id": sid, "start": start, "stop": stop})
-        else:
-            e = StoreEntry(sid, src.rel, st.slide_name, st.generation, start, stop,
-                           st.n_tiles, st.tile_l0, st.level0_mpp)  # fmt: skip
-        entries.append(e)
-        if i % 10 == 0 or i == len(sources):
-            progress(f"  {i}/{len(sources)} stores, {stop:,} rows")
-    app.flush()
-    man.n_rows = app.pos
-    return entries
-
-
-def _open_sources(
-    todo: list[Found], model: dict[str, Any], report: Report
-) -> list[tuple[Found | StoreEntry, Any, Iterator[dict[str, Any]]]]:
-    out: list[tuple[Found | StoreEntry, Any, Iterator[dict[str, Any]]]] = []
-    for f in todo:
-        try:
-            st, blocks = _store_blocks(f, model)
-        except (StoreError, OSError) as exc:
-            report.skipped.append((f.rel, str(exc)))
-            continue
-        out.append((f, st, blocks))
-        report.added.append(f.rel)
-    return out
 
 
 def update_model(
@@ -232,6 +109,8 @@ def update_model(
     chunk_rows: int | None = None,
     min_ann_rows: int = _ann.ANN_MIN_ROWS,
     progress: Progress | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     lock_timeout: float = 0,
 ) -> Report:
     """Bring the index of one model in `folder` up to date with `stores` (its complete stores).
@@ -242,10 +121,17 @@ def update_model(
     manifest. When more than `COMPACT_FRACTION` of the rows would be dead, or on `rebuild`,
     or for a new index, the whole index is written aside and swapped in (`_fsops.publish`).
     `ann`: "auto" (an approximate index from `min_ann_rows` live rows), "on" or "off".
+
+    `progress` hears what is done, `on_rows` gets (rows written, rows to write) after every
+    block of rows. `should_stop` is polled between blocks: when it returns True the update
+    commits the stores written whole so far (a new index is published with them; a rewrite of
+    an existing index is published only if it holds every store the old one kept, else the
+    old index stays), skips the approximate index, and returns with ``cancelled`` set.
     """
     from ._layout import CHUNK_ROWS, IndexLock
 
-    say = progress or (lambda _m: None)
+    hooks = Hooks.of(progress, on_rows, should_stop)
+    say = hooks.say
     t0 = time.perf_counter()
     path = index_dir(folder) / index_name(model)
     report = Report(path, model_id)
@@ -267,6 +153,7 @@ def update_model(
         kept = {e.path for e in keep}
         report.dropped = [e.path for e in (old.stores if old else []) if e.path not in kept]
         todo = [f for f in stores if f.rel not in kept]
+        report.n_todo = len(todo)
         rows = chunk_rows or (old.chunk_rows if old else CHUNK_ROWS)
         dead = (old.n_rows - sum(e.stop - e.start for e in keep)) if old else 0
         whole = old is None or rebuild or dead > COMPACT_FRACTION * max(old.n_rows, 1)
@@ -276,19 +163,20 @@ def update_model(
                 report.seconds = time.perf_counter() - t0
                 return report
         if whole:
-            _rewrite(path, model, model_id, keep, old, todo, want, rows, report, say,
+            _rewrite(path, model, model_id, keep, old, todo, want, rows, report, hooks,
                      ann=ann, min_rows=min_ann_rows)  # fmt: skip
         elif todo or report.dropped:
             assert old is not None
-            sources = _open_sources(todo, model, report)
+            sources = open_sources(todo, model, report, hooks)
             say(f"{path.name}: adding {len(sources)} stores, dropping {len(report.dropped)}")
-            new = _append(path, old, sources, say)
+            new, report.cancelled = append(path, old, sources, hooks)
+            report.added = [e.path for e in new]
             old.stores = keep + new
-            _ann_update(path, old, ann, min_ann_rows, say)
+            _ann_update(path, old, ann, min_ann_rows, hooks)
             write_manifest(path, old)
         else:
             assert old is not None
-            _ann_update(path, old, ann, min_ann_rows, say)
+            _ann_update(path, old, ann, min_ann_rows, hooks)
             write_manifest(path, old)
         if path.exists():
             man = read_manifest(path)
@@ -314,12 +202,13 @@ def _want_ann(man: Manifest, ann: str, min_rows: int) -> bool:
 def _rewrite(
     path: Path, model: dict[str, Any], model_id: str, keep: list[StoreEntry],
     old: Manifest | None, todo: list[Found], want: dict[str, Found], rows: int,
-    report: Report, say: Progress, *, ann: str, min_rows: int,
+    report: Report, hooks: Hooks, *, ann: str, min_rows: int,
 ) -> None:  # fmt: skip
     """Write the whole index aside (kept rows copied from the old index) and swap it in."""
+    say = hooks.say
     tmp = _fsops.temp_path(path)
     d = int(model.get("embed_dim") or 0)
-    sources: list[tuple[Found | StoreEntry, Any, Iterator[dict[str, Any]]]] = []
+    sources: list[Source] = []
     ix = None
     if old is not None and keep:
         try:
@@ -329,8 +218,8 @@ def _rewrite(
             todo = [want[e.path] for e in keep] + todo
     if ix is not None:
         d = ix.d
-        sources += [(e, None, _index_blocks(ix, e)) for e in keep]
-    opened = _open_sources(todo, model, report)
+        sources += [(e, None, index_blocks(ix, e)) for e in keep]
+    opened = open_sources(todo, model, report, hooks)
     if not d and opened:
         d = int(opened[0][1].embed_dim)
     if not d:  # nothing readable to index
@@ -338,11 +227,16 @@ def _rewrite(
     man = Manifest(model=model, model_id=model_id, embed_dim=d, chunk_rows=rows)
     say(f"{path.name}: writing {'a new index' if old is None else 'the index again'} "
         f"({len(sources)} stores kept, {len(opened)} to read)")  # fmt: skip
-    report.rebuilt = old is not None
     try:
         create_group(tmp, man)
-        man.stores = _append(tmp, man, sources + opened, say)
-        _ann_update(tmp, man, ann, min_rows, say, target=path)
+        entries, report.cancelled = append(tmp, man, sources + opened, hooks)
+        report.added = [e.path for e in entries[len(sources) :]]
+        if report.cancelled and (len(entries) < len(sources) or not entries):
+            report.added, report.dropped = [], []  # fewer stores than the old index kept:
+            return  # the old one stays as it was
+        man.stores = entries
+        report.rebuilt = old is not None
+        _ann_update(tmp, man, ann, min_rows, hooks, target=path)
         write_manifest(tmp, man)
         _fsops.publish(tmp, path)
     finally:
@@ -351,12 +245,14 @@ def _rewrite(
 
 
 def _ann_update(
-    path: Path, man: Manifest, ann: str, min_rows: int, say: Progress, target: Path | None = None
+    path: Path, man: Manifest, ann: str, min_rows: int, hooks: Hooks, target: Path | None = None
 ) -> None:
     """Build, extend or drop the approximate index so that it covers ``man``'s rows (those of
-    the group at `path`, to be published at `target`)."""
+    the group at `path`, to be published at `target`). Not after a stop request: the rows it
+    does not cover are searched exactly until the next update."""
+    say = hooks.say
     target = target or path
-    if not _want_ann(man, ann, min_rows):
+    if not _want_ann(man, ann, min_rows) or hooks.stop():
         return
     if ann == "off" or (ann == "auto" and man.n_live < min_rows):
         man.ann = None
