@@ -122,7 +122,9 @@ def embed_cohort(
         Called on the worker after every batch with its `EmbedProgress` (monitoring, tests).
 
     Returns a `CohortResult`; interrupted (Ctrl-C), it cancels the tasks (running slides stop
-    after their batch and keep their rows), writes the summary and re-raises.
+    after their batch and keep their rows), writes the summary, waits (up to
+    `STOP_WAIT_SECONDS`) until the running slides have let go of their stores, so the same
+    command run again at once resumes them, and re-raises.
     """
     from distributed import as_completed
 
@@ -181,6 +183,8 @@ def embed_cohort(
             reports[i].status = "interrupted" if book.starts.get(i) else "not started"
             reports[i].attempts = book.starts.get(i, 0)
         writer.write()
+        started = [Path(reports[i].store) for i in running.values() if book.starts.get(i)]
+        _wait_released(started, STOP_WAIT_SECONDS)  # so running again at once can resume them
         raise
     finally:
         _quietly(client.unsubscribe_topic, topic)
@@ -190,6 +194,30 @@ def embed_cohort(
                 _quietly(mark.unlink)
     path = writer.write()
     return CohortResult(reports, path, info, time.perf_counter() - t0)
+
+
+#: How long an interrupted run waits for its running slides to let go of their stores.
+STOP_WAIT_SECONDS = 60.0
+
+
+def _wait_released(stores: Sequence[Path], timeout: float) -> None:
+    """Wait (at most `timeout` s in all) until no task holds these stores' writer locks.
+
+    A cancelled task stops after the batch in flight and then releases its store; without the
+    wait, the same command run again at once finds the store busy. A second Ctrl-C ends the
+    wait."""
+    from filelock import FileLock, Timeout
+
+    from .._store_io import lock_path
+
+    deadline = time.monotonic() + timeout
+    for store in stores:
+        lock = FileLock(lock_path(store), thread_local=False)
+        try:
+            lock.acquire(timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.1)
+        except (Timeout, OSError):
+            continue  # still busy (a worker that hangs) or no lock to take: nothing to wait for
+        lock.release()
 
 
 def _probe(client: Any, plugin_name: str, per_host: dict[str, int]) -> dict[str, Any]:
