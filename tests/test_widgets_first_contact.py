@@ -186,6 +186,31 @@ def test_resumed_runs_report_this_runs_rate(capsys):
     capsys.readouterr()
 
 
+def test_reports_arriving_while_the_bar_is_made_make_no_second_bar(monkeypatch):
+    """Making napari's bar processes Qt events, which may deliver the next report: it must
+    update the bar being made, not make another one (left behind at 0%)."""
+    import napari.utils
+
+    from tilescope._napari._common import RunProgress
+
+    real = napari.utils.progress
+    made = []
+    gui = RunProgress("Embedding s.svs")
+
+    def reentrant(*args, **kwargs):
+        gui.update(40, 100)  # a report delivered while the first bar is being made
+        bar = real(*args, **kwargs)
+        made.append(bar)
+        return bar
+
+    monkeypatch.setattr(napari.utils, "progress", reentrant)
+    gui.update(10, 100)
+    assert len(made) == 1 and gui.bar is made[0]
+    assert gui.bar.n == 40  # the latest report wins
+    gui.close()
+    assert made[0].n == 40 and gui.bar is None
+
+
 # -- cancel while the model loads or tissue is found ----------------------------------------------
 @pytest.mark.parametrize("stage", ["model", "tissue"])
 def test_cancel_during_model_load_and_tissue_detection(

@@ -201,6 +201,7 @@ class RunProgress:
         self.desc = desc
         self.bar: Any = None
         self.closed = False
+        self._pending: tuple[int, int, str | None] | None = None  # reports while creating
 
     def update(self, done: int, total: int, desc: str | None = None) -> None:
         """Set the bar to `done` of `total` through napari's own API (``update`` emits the
@@ -208,14 +209,22 @@ class RunProgress:
         if self.closed:
             return
         if self.bar is None:
+            if self._pending is not None:  # re-entered while the bar is being made: keep
+                self._pending = (done, total, desc)  # the latest report, applied below
+                return
+            self._pending = (done, total, desc)
             from napari.utils import progress
 
-            bar = progress(total=max(int(total), 1), desc=self.desc, initial=int(done),
-                           unit="tile")  # fmt: skip
+            try:
+                bar = progress(total=max(int(total), 1), desc=self.desc, initial=int(done),
+                               unit="tile")  # fmt: skip
+            finally:
+                latest, self._pending = self._pending, None
             if self.closed:  # the run ended while the bar was being made
                 bar.close()
                 return
             self.bar = bar
+            done, total, desc = latest
         bar = self.bar
         if bar.total != max(int(total), 1):
             bar.total = max(int(total), 1)
