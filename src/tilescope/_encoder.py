@@ -240,6 +240,13 @@ class Encoder:
                 features = self.model.encode_image(x)
             return F.normalize(features.float(), dim=-1).cpu().numpy()
 
+    # -- the pipeline's interface (issue 9): synchronous stand-in; the `backends` branch
+    # replaces it with an asynchronous one (device->host copies overlap the next batch) --
+    def submit_images(self, batch: np.ndarray | torch.Tensor) -> _Finished:
+        """Start embedding a batch; ``.result()`` of the returned object gives what
+        `encode_images` would. Here the work is done before returning."""
+        return _Finished(self.encode_images(batch))
+
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (P, context_length); warns for each prompt that had to be truncated."""
         return self._tokenize(prompts, stacklevel=3)
@@ -311,3 +318,16 @@ class Encoder:
             return tokens  # open_clip's own text transformer pools by position: keep as is
         used = (tokens != text.config.pad_token_id).any(dim=0).nonzero()
         return tokens[:, : int(used.max()) + 1] if len(used) else tokens
+
+
+class _Finished:
+    """A pending result that is already there (`Encoder.submit_images`)."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> np.ndarray:
+        return self._value

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._resample import resize_rgb, rgb_array, rgb_image, scale_box
+from ._resample import rgba_to_rgb as _rgba_to_rgb  # noqa: F401  (kept importable from here)
 from .errors import (
     MissingMppError,
     RegionReadError,
@@ -26,6 +28,9 @@ from .errors import (
     SlideNotFoundError,
     UnsupportedFormatError,
 )
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: File suffixes OpenSlide reads (the napari reader claims these).
 SLIDE_SUFFIXES = (
@@ -239,6 +244,11 @@ class Slide:
         return self._mpp_override or self._native_mpp[1]
 
     @property
+    def mpp_override(self) -> float | None:
+        """The level-0 µm per pixel given when opening, if any."""
+        return self._mpp_override
+
+    @property
     def mpp_source(self) -> str:
         return "override" if self._mpp_override else self._native_mpp[2]
 
@@ -311,13 +321,23 @@ class Slide:
 
         Areas outside the slide or transparent in it come back white (glass).
         """
+        rgb = rgb_array(self.read_region_rgba(location, level, size))
+        return rgb if rgb.flags.writeable else rgb.copy()
+
+    def read_region_rgba(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """OpenSlide's straight-RGBA Pillow image of a region (for readers that cut tiles from
+        one read; `tilescope._resample` turns it into RGB). Raises `RegionReadError`."""
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise SlideError(self.path, f"region size must be positive, got {size}")
         if not 0 <= level < self.level_count:
             raise SlideError(self.path, f"level {level} out of range 0..{self.level_count - 1}")
         try:
-            rgba = self._osr.read_region((int(location[0]), int(location[1])), level, (w, h))
+            rgba: Image.Image = self._osr.read_region(
+                (int(location[0]), int(location[1])), level, (w, h)
+            )
         except Exception as exc:
             self.close_thread_handle()  # the handle is now in an error state; reopen next time
             raise RegionReadError(
@@ -325,7 +345,7 @@ class Slide:
                 f"failed to decode region at level-0 ({location[0]}, {location[1]}), "
                 f"level {level}, size {w}x{h}: {exc}",
             ) from exc
-        return _rgba_to_rgb(np.asarray(rgba))
+        return rgba
 
     def read_region_mpp(
         self, location: tuple[int, int], size: tuple[int, int], *, mpp: float
@@ -342,16 +362,30 @@ class Slide:
     ) -> np.ndarray:
         """`size` (w, h) pixels at `downsample` level-0 px per pixel, top-left at `location`.
 
-        Reads the best level at or finer than `downsample`; resizes with antialiasing unless
-        that level's downsample is `downsample` itself.
+        Reads the best level at or finer than `downsample`. Unless that level's downsample is
+        `downsample` itself, it reads ``round(w * s) x round(h * s)`` level pixels (``s`` level
+        pixels per output pixel) and scales them with the kernels every tile reader uses
+        (`tilescope._resample`: a box mean for an exact integer factor, else Lanczos).
         """
+        level, (lw, lh) = self.scaled_read_size(size, downsample)
+        w, h = int(size[0]), int(size[1])
+        if (lw, lh) == (w, h):
+            return self.read_region(location, level, (w, h))
+        img = rgb_image(self.read_region_rgba(location, level, (lw, lh)))
+        out = scale_box(img, (0, 0, lw, lh), (w, h))
+        return out if out.flags.writeable else out.copy()
+
+    def scaled_read_size(
+        self, size: tuple[int, int], downsample: float
+    ) -> tuple[int, tuple[int, int]]:
+        """The level `read_scaled` reads for `size` pixels at `downsample`, and how many level
+        pixels (w, h) it reads there."""
         level = self.best_level_for_downsample(downsample)
         scale = downsample / self.level_downsamples[level]  # level pixels per output pixel
         w, h = int(size[0]), int(size[1])
         if abs(scale - 1) <= 1e-9:
-            return self.read_region(location, level, (w, h))
-        lw, lh = max(1, round(w * scale)), max(1, round(h * scale))
-        return resize_rgb(self.read_region(location, level, (lw, lh)), (w, h))
+            return level, (w, h)
+        return level, (max(1, round(w * scale)), max(1, round(h * scale)))
 
     def downsample_for_mpp(self, mpp: float) -> float:
         """Level-0 pixels per pixel at `mpp`, snapped to a pyramid level's downsample within
@@ -466,36 +500,6 @@ def _bounds(key: Any, n: int) -> tuple[int, int, int]:
             raise IndexError("LazyLevel supports only positive slice steps")
         return start, stop, step
     raise TypeError(f"LazyLevel supports integer and slice indexing, not {type(key).__name__}")
-
-
-def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB uint8 image to (w, h) with antialiasing (Pillow's Lanczos/box filters)."""
-    from PIL import Image
-
-    w, h = size
-    if img.shape[1] == w and img.shape[0] == h:
-        return img
-    pil = Image.fromarray(img)
-    # reducing_gap first box-reduces by an integer factor, then applies Lanczos: fast and
-    # antialiased for large reductions.
-    out = pil.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(out)
-
-
-def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite premultiplied-or-not RGBA from OpenSlide over white."""
-    if rgba.shape[-1] == 3:
-        return np.ascontiguousarray(rgba)
-    alpha = rgba[..., 3]
-    rgb = np.ascontiguousarray(rgba[..., :3])
-    if alpha.min() == 255:
-        return rgb
-    # openslide-python hands out straight (not premultiplied) RGBA; fully transparent pixels
-    # are (0, 0, 0, 0). Blend over white, in integers and only where alpha < 255.
-    where = alpha < 255
-    a = alpha[where].astype(np.uint32)[:, None]
-    rgb[where] = ((rgb[where] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-    return rgb
 
 
 def _float(value: str | None) -> float | None:
