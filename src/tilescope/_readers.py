@@ -134,7 +134,10 @@ class Worker:
         return self.proc.poll() is None and self.sock.fileno() >= 0
 
     def describe_exit(self) -> str:
-        code = self.proc.poll()
+        try:
+            code: int | None = self.proc.wait(2.0)  # its socket closed: it is exiting
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return "closed its connection"
         if code < 0:
