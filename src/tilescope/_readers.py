@@ -113,8 +113,9 @@ class Worker:
     def __init__(self) -> None:
         parent, child = socket.socketpair()
         env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[1])  # the folder holding this tilescope
-        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+        src = Path(__file__).resolve().parents[1]  # the folder holding this tilescope
+        if src.name not in ("site-packages", "dist-packages"):  # a source tree, a sys.path edit
+            env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = "1"
         code = "import sys; from tilescope._readers import worker_main as m; m(int(sys.argv[1]))"
@@ -162,6 +163,14 @@ class Worker:
         self.sock.close()
 
 
+def available() -> bool:
+    """Whether reader processes can run here (Unix sockets that pass descriptors, and a
+    Python interpreter to start; not a frozen application)."""
+    return hasattr(socket, "send_fds") and hasattr(socket, "AF_UNIX") and not getattr(
+        sys, "frozen", False
+    )
+
+
 class ReaderPool:
     """Reader worker processes, reusable across streams (one stream at a time)."""
 
@@ -169,6 +178,7 @@ class ReaderPool:
         self.workers: list[Worker] = []
         self.busy = False
         self.closed = False
+        self.pid = os.getpid()  # a forked child must not use its parent's workers
 
     def ensure(self, n: int) -> list[Worker]:
         """`n` live workers (dead ones replaced, more started if needed)."""
@@ -201,7 +211,7 @@ def acquire_pool() -> tuple[ReaderPool, bool]:
     the pool is private (shut it down after the stream)."""
     global _shared
     with _shared_lock:
-        if _shared is None or _shared.closed:
+        if _shared is None or _shared.closed or _shared.pid != os.getpid():
             _shared = ReaderPool()
         if not _shared.busy:
             _shared.busy = True
@@ -222,7 +232,7 @@ def shutdown_readers() -> None:
     global _shared
     with _shared_lock:
         pool, _shared = _shared, None
-    if pool is not None:
+    if pool is not None and pool.pid == os.getpid():
         pool.shutdown()
 
 

@@ -114,7 +114,8 @@ def stream_tiles(
         Tiles per batch (only the last batch may be smaller).
     num_workers
         Reader processes; None: one per CPU this process may use (`default_workers`); 0 reads
-        in the calling thread (tests, debugging).
+        in the calling thread (tests, debugging; also where processes cannot be started: no
+        Unix sockets that pass descriptors, e.g. Windows, or a frozen application).
     prefetch_batches
         Batches read ahead of the consumer at most (memory: about ``prefetch_batches *
         batch_size`` tiles of shared memory, plus one block per reader). It is also how far
@@ -183,7 +184,7 @@ def stream_tiles(
         if owned:
             slide.close()
         raise
-    if workers == 0:
+    if workers == 0 or not _readers_available():
         return _serial(slide, plan, layout, schedule, int(batch_size), on_error, owned)
     return _parallel(slide, plan, layout, schedule, int(batch_size), int(workers),
                      prefetch, on_error, copy, owned)  # fmt: skip
@@ -198,6 +199,12 @@ def auto_prefetch(plan: ReadPlan, batch_size: int, workers: int) -> int:
     want = max(2, math.ceil(workers * DEPTH * block / batch_size))
     tile_bytes = plan.tile_px * plan.tile_px * 3
     return max(2, min(want, MAX_PREFETCH_BYTES // (batch_size * tile_bytes)))
+
+
+def _readers_available() -> bool:
+    from ._readers import available
+
+    return available()
 
 
 def _schedule(order: Order) -> TileSchedule:
