@@ -190,18 +190,18 @@ def test_unreadable_tile_is_recorded_and_the_store_completes(tiny_encoder, tmp_p
     with Slide(need(CMU)) as slide:
         coords = TileGrid().layout(slide, tissue_mask(slide)).coords
     bad = tuple(int(v) + 100 for v in coords[len(coords) // 2])  # a point inside one tile
-    real = Slide.read_region_rgba
+    real = Slide.read_region_raw
 
-    def flaky(self, location, level, size):
+    def flaky(self, location, level, size, *, out=None):
         x, y = location  # level 0 here: the region covers [x, x + w) x [y, y + h)
         tiles = size[0] % 224 == size[1] % 224 == 0  # tile reads, not the tissue detector's
         if tiles and x <= bad[0] < x + size[0] and y <= bad[1] < y + size[1]:
             raise RegionReadError(self.path, f"failed to decode region at {location}")
-        return real(self, location, level, size)
+        return real(self, location, level, size, out=out)
 
     # in-process reads (num_workers=0) see the patched reader: the block holding the point
     # fails, is read again tile by tile, and only the tile under the point fails
-    monkeypatch.setattr(Slide, "read_region_rgba", flaky)
+    monkeypatch.setattr(Slide, "read_region_raw", flaky)
     first = embed_slide(need(CMU), out, encoder=tiny_encoder, num_workers=0)
     assert first.complete and len(first.failed) == 1 and first.n_failed == 1
     store = EmbeddingStore.open(out)
@@ -215,7 +215,7 @@ def test_unreadable_tile_is_recorded_and_the_store_completes(tiny_encoder, tmp_p
 
     again = embed_slide(CMU, out, encoder=tiny_encoder, num_workers=0)
     assert again.embedded_now == 0 and again.failed == ()  # not retried by default
-    monkeypatch.setattr(Slide, "read_region_rgba", real)
+    monkeypatch.setattr(Slide, "read_region_raw", real)
     retry = embed_slide(CMU, out, encoder=tiny_encoder, retry_failed=True)
     assert retry.embedded_now == 1 and retry.n_failed == 0
     healed = EmbeddingStore.open(out)

@@ -185,15 +185,15 @@ def test_memory_stays_bounded(synth_025, workers: int) -> None:
 
 
 def _failing_read(bad: tuple[int, int]):
-    """`Slide.read_region_rgba` that fails for any region holding level-0 point `bad`."""
-    original = Slide.read_region_rgba
+    """`Slide.read_region_raw` that fails for any region holding level-0 point `bad`."""
+    original = Slide.read_region_raw
 
-    def read(self, location, level, size):
+    def read(self, location, level, size, *, out=None):
         ds = self.level_downsamples[level]
         x, y = location
         if x <= bad[0] < x + size[0] * ds and y <= bad[1] < y + size[1] * ds:
             raise RegionReadError(self.path, f"failed to decode region at level-0 {location}")
-        return original(self, location, level, size)
+        return original(self, location, level, size, out=out)
 
     return read
 
@@ -203,7 +203,7 @@ def test_on_error_skip(synth_05, monkeypatch) -> None:
     layout = _layout(synth_05.path)
     bad = 5
     point = tuple(int(v) + 10 for v in layout.coords[bad])
-    monkeypatch.setattr(Slide, "read_region_rgba", _failing_read(point))
+    monkeypatch.setattr(Slide, "read_region_raw", _failing_read(point))
     batches = list(stream_tiles(synth_05.path, layout, target_mpp=0.5, tile_px=224,
                                 batch_size=4, num_workers=0))  # fmt: skip
     failed = [f for b in batches for f in b.failed]
@@ -220,7 +220,7 @@ def test_on_error_raise(synth_05, monkeypatch) -> None:
     layout = _layout(synth_05.path)
     bad = len(layout) - 1  # in the last block
     point = tuple(int(v) + 10 for v in layout.coords[bad])
-    monkeypatch.setattr(Slide, "read_region_rgba", _failing_read(point))
+    monkeypatch.setattr(Slide, "read_region_raw", _failing_read(point))
     seen = []
     with pytest.raises(RegionReadError, match="decode"):
         for batch in stream_tiles(synth_05.path, layout, target_mpp=0.5, tile_px=224,

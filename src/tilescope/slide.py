@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -321,23 +322,34 @@ class Slide:
 
         Areas outside the slide or transparent in it come back white (glass).
         """
-        rgb = rgb_array(self.read_region_rgba(location, level, size))
+        rgb = rgb_array(self.read_region_pil(location, level, size))
         return rgb if rgb.flags.writeable else rgb.copy()
 
-    def read_region_rgba(
+    def read_region_pil(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> Image.Image:
-        """OpenSlide's straight-RGBA Pillow image of a region (for readers that cut tiles from
-        one read; `tilescope._resample` turns it into RGB). Raises `RegionReadError`."""
+        """A region as a Pillow image: RGB where it is opaque (nearly always inside a slide),
+        else OpenSlide's straight RGBA (`tilescope._resample` composites it over white).
+        Raises `RegionReadError`."""
+        w, h = int(size[0]), int(size[1])
+        return self.read_region_raw(location, level, (w, h)).tile(0, 0, w, h)
+
+    def read_region_raw(
+        self, location: tuple[int, int], level: int, size: tuple[int, int],
+        *, out: np.ndarray | None = None,
+    ) -> RawRegion:  # fmt: skip
+        """A region as OpenSlide paints it, to cut tiles from (`RawRegion.tile`) without
+        converting all of it. `out`: a uint32 buffer of at least w * h to paint into (reused
+        by block readers; the region is valid until it is painted over).
+        Raises `RegionReadError`."""
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise SlideError(self.path, f"region size must be positive, got {size}")
         if not 0 <= level < self.level_count:
             raise SlideError(self.path, f"level {level} out of range 0..{self.level_count - 1}")
+        x, y = int(location[0]), int(location[1])
         try:
-            rgba: Image.Image = self._osr.read_region(
-                (int(location[0]), int(location[1])), level, (w, h)
-            )
+            return _paint(self._osr, x, y, level, w, h, out)
         except Exception as exc:
             self.close_thread_handle()  # the handle is now in an error state; reopen next time
             raise RegionReadError(
@@ -345,7 +357,6 @@ class Slide:
                 f"failed to decode region at level-0 ({location[0]}, {location[1]}), "
                 f"level {level}, size {w}x{h}: {exc}",
             ) from exc
-        return rgba
 
     def read_region_mpp(
         self, location: tuple[int, int], size: tuple[int, int], *, mpp: float
@@ -371,7 +382,7 @@ class Slide:
         w, h = int(size[0]), int(size[1])
         if (lw, lh) == (w, h):
             return self.read_region(location, level, (w, h))
-        img = rgb_image(self.read_region_rgba(location, level, (lw, lh)))
+        img = rgb_image(self.read_region_pil(location, level, (lw, lh)))
         out = scale_box(img, (0, 0, lw, lh), (w, h))
         return out if out.flags.writeable else out.copy()
 
@@ -500,6 +511,67 @@ def _bounds(key: Any, n: int) -> tuple[int, int, int]:
             raise IndexError("LazyLevel supports only positive slice steps")
         return start, stop, step
     raise TypeError(f"LazyLevel supports integer and slice indexing, not {type(key).__name__}")
+
+
+class RawRegion:
+    """A region as OpenSlide painted it: premultiplied ARGB (uint32, (h, w)); or, with an
+    openslide-python that lacks the low-level call used here, its RGBA image."""
+
+    __slots__ = ("argb", "image")
+
+    def __init__(self, argb: np.ndarray | None, image: Image.Image | None = None) -> None:
+        self.argb, self.image = argb, image
+
+    def tile(self, x: int, y: int, w: int, h: int) -> Image.Image:
+        """Pixels ``[x, x + w) x [y, y + h)``: RGB if all are opaque, else straight RGBA
+        (as openslide-python un-premultiplies it). Only these pixels are converted."""
+        from PIL import Image
+
+        if self.argb is None:
+            assert self.image is not None
+            full = (x, y, w, h) == (0, 0, *self.image.size)
+            return self.image if full else self.image.crop((x, y, x + w, y + h))
+        view = self.argb[y : y + h, x : x + w]
+        if view.min() >= 0xFF000000:  # opaque: premultiplied is the straight colour
+            # unpacked straight from the region's rows (a stride), no copy of the tile first
+            width = self.argb.shape[1]
+            flat = self.argb.reshape(-1).view(np.uint8)
+            start = (y * width + x) * 4
+            rows = flat[start : start + ((h - 1) * width + w) * 4]
+            return Image.frombuffer("RGB", (w, h), rows, "raw", _ARGB_RAWMODE, width * 4, 1)
+        a = np.array(view)  # our own copy, converted in place
+        _convert().argb2rgba(a)
+        return Image.frombuffer("RGBA", (w, h), a, "raw", "RGBA", 0, 1)
+
+
+#: How Pillow unpacks a native-endian ARGB word to RGB.
+_ARGB_RAWMODE = "BGRX" if sys.byteorder == "little" else "XRGB"
+
+
+def _convert() -> Any:
+    from openslide import lowlevel
+
+    return lowlevel._convert
+
+
+def _paint(osr: Any, x: int, y: int, level: int, w: int, h: int,
+           out: np.ndarray | None) -> RawRegion:  # fmt: skip
+    """`osr.read_region` into a buffer of ours, without openslide-python's conversion pass
+    (tiles are converted one by one, opaque ones straight to RGB). Falls back to the public
+    `read_region` where openslide-python's low-level call is not there."""
+    import ctypes
+
+    lowlevel = sys.modules.get("openslide.lowlevel")
+    handle = getattr(osr, "_osr", None)
+    read = getattr(lowlevel, "_read_region", None)
+    if handle is None or read is None or getattr(lowlevel, "_convert", None) is None:
+        return RawRegion(None, osr.read_region((x, y), level, (w, h)))
+    if out is None or out.size < w * h or out.dtype != np.uint32:
+        buf = np.zeros((h, w), np.uint32)
+    else:
+        buf = out.reshape(-1)[: w * h].reshape(h, w)
+    read(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+    return RawRegion(buf)
 
 
 def _float(value: str | None) -> float | None:
