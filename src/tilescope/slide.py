@@ -554,6 +554,15 @@ def _convert() -> Any:
     return lowlevel._convert
 
 
+def _lowlevel_read() -> Any:
+    """openslide-python's low-level ``read_region`` into a caller's buffer, if this version
+    has it (and the ARGB -> RGBA conversion that goes with it)."""
+    lowlevel = sys.modules.get("openslide.lowlevel")
+    if getattr(lowlevel, "_convert", None) is None:
+        return None
+    return getattr(lowlevel, "_read_region", None)
+
+
 def _paint(osr: Any, x: int, y: int, level: int, w: int, h: int,
            out: np.ndarray | None) -> RawRegion:  # fmt: skip
     """`osr.read_region` into a buffer of ours, without openslide-python's conversion pass
@@ -561,10 +570,9 @@ def _paint(osr: Any, x: int, y: int, level: int, w: int, h: int,
     `read_region` where openslide-python's low-level call is not there."""
     import ctypes
 
-    lowlevel = sys.modules.get("openslide.lowlevel")
     handle = getattr(osr, "_osr", None)
-    read = getattr(lowlevel, "_read_region", None)
-    if handle is None or read is None or getattr(lowlevel, "_convert", None) is None:
+    read = _lowlevel_read()
+    if handle is None or read is None:
         return RawRegion(None, osr.read_region((x, y), level, (w, h)))
     if out is None or out.size < w * h or out.dtype != np.uint32:
         buf = np.zeros((h, w), np.uint32)
