@@ -15,7 +15,7 @@ processes together, each measured in a fresh process) for both slides: it must n
 the slide. ``"legacy_tiles_per_s"`` is the loop as Tilescope did it before block reads (numpy
 RGBA->RGB, Lanczos for the 2x) for reference. The machine is shared: quote ``load_avg_1m``.
 
-    python benchmarks/bench_pipeline.py [--rounds 3] [--workers N] [--skip-4x]
+    python benchmarks/bench_pipeline.py [--rounds 3] [--workers N] [--skip-4x] [--also-16x]
 """
 
 from __future__ import annotations
@@ -151,42 +151,73 @@ def run_legacy(path: Path, coords: np.ndarray) -> dict[str, float]:
     return {"seconds": dt, "tiles_per_s": len(coords) / dt}
 
 
-def run_pipeline(path: Path, workers: int, batch_size: int) -> dict[str, float]:
-    """`iter_embed_slide` into a fresh store; times the embedding stage (after tissue and the
-    store are made)."""
+def run_pipeline(path: Path, workers: int, batch_size: int,
+                 store: Path | None = None) -> dict[str, float]:  # fmt: skip
+    """`iter_embed_slide` into `store` (a fresh one if None); times the embedding stage (after
+    tissue detection and the store are made, or the store is resumed)."""
     from tilescope.embed import iter_embed_slide
     from tilescope.grid import TileGrid
 
     with tempfile.TemporaryDirectory() as tmp, TreeSampler() as s:
-        gen = iter_embed_slide(path, Path(tmp) / "s.zarr", encoder=NullEncoder(),  # type: ignore[arg-type]
+        gen = iter_embed_slide(path, store or Path(tmp) / "s.zarr",
+                               encoder=NullEncoder(),  # type: ignore[arg-type]
                                grid=TileGrid(target_mpp=TARGET_MPP, tile_px=TILE_PX),
                                batch_size=batch_size, num_workers=workers)  # fmt: skip
         t0 = t_all = time.perf_counter()
-        n = 0
+        n = n0 = 0
         try:
             while True:
                 p = next(gen)
-                if p.stage == "embedding" and p.indices is None and p.done == 0:
-                    t0 = time.perf_counter()  # the store is made: reading starts
+                if p.stage == "embedding" and p.indices is None and p.failed == 0 and n == 0:
+                    t0, n0 = time.perf_counter(), p.done  # the store is there: reading starts
                 n = p.done
         except StopIteration as stop:
             result = stop.value
         dt = time.perf_counter() - t0
-        assert result.complete and result.embedded_now == n == result.n_tiles, result
-    return {"seconds": dt, "tiles_per_s": n / dt, "tiles": n, "cpu_s": s.cpu,
+        assert result.complete and result.embedded_now == n - n0, result
+    return {"seconds": dt, "tiles_per_s": (n - n0) / dt, "tiles": n - n0, "cpu_s": s.cpu,
             "seconds_with_tissue_and_store": time.perf_counter() - t_all,
             "peak_rss_mib": s.peak}  # fmt: skip
 
 
+def make_store(path: Path, store: Path) -> None:
+    """Tissue detection and an empty store (embedding is cancelled before the first batch)."""
+    from tilescope.embed import iter_embed_slide
+    from tilescope.grid import TileGrid
+
+    gen = iter_embed_slide(path, store, encoder=NullEncoder(),  # type: ignore[arg-type]
+                           grid=TileGrid(target_mpp=TARGET_MPP, tile_px=TILE_PX))  # fmt: skip
+    for p in gen:
+        if p.stage == "embedding":
+            break
+    gen.close()
+
+
 def child_rss(path: Path, workers: int, batch_size: int) -> dict[str, Any]:
-    """`run_pipeline` in a fresh process (its peak RSS, readers included, is its own)."""
+    """Peak RSS (this process and its readers) of the whole run (tissue detection included),
+    and of the embedding alone (resuming a store made by another process), each in a fresh
+    process."""
+    here = str(Path(__file__).parent)
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import bench_pipeline as b; "
-            "from pathlib import Path; print(json.dumps(b.run_pipeline(Path(sys.argv[2]), "
-            "int(sys.argv[3]), int(sys.argv[4]))))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(path),
-                          str(workers), str(batch_size)], check=True, capture_output=True,
-                         text=True).stdout  # fmt: skip
-    return json.loads(out.strip().splitlines()[-1])
+            "from pathlib import Path; a = sys.argv; "
+            "print(json.dumps(b.run_pipeline(Path(a[2]), int(a[3]), int(a[4]), "
+            "Path(a[5]) if len(a) > 5 else None)))")  # fmt: skip
+    make = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_pipeline as b; "
+            "from pathlib import Path; b.make_store(Path(sys.argv[2]), Path(sys.argv[3]))")
+
+    def run(*extra: str) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-c", code, here, str(path), str(workers),
+                              str(batch_size), *extra], check=True, capture_output=True,
+                             text=True).stdout  # fmt: skip
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    whole = run()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "r.zarr"
+        subprocess.run([sys.executable, "-c", make, here, str(path), str(store)], check=True,
+                       capture_output=True)  # fmt: skip
+        embedding = run(str(store))
+    return {"whole": whole, "embedding": embedding}
 
 
 def main() -> None:
@@ -198,6 +229,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-4x", action="store_true", help="skip the 4x slide (memory)")
+    ap.add_argument("--also-16x", action="store_true", help="peak RSS on a 16x slide too")
     args = ap.parse_args()
 
     path = bench_slide(args.cache_dir)
@@ -236,11 +268,21 @@ def main() -> None:
         big_path = bench_slide(args.cache_dir, scale=2)
         big = child_rss(big_path, args.workers, args.batch_size)
         out.update({
-            "peak_rss_mib": round(small["peak_rss_mib"], 1),
-            "peak_rss_mib_4x": round(big["peak_rss_mib"], 1),
-            "tiles_4x": big["tiles"],
-            "pipeline_tiles_per_s_4x": round(big["tiles_per_s"], 1),
+            # the embedding (readers, model, writer, store), resuming a store made elsewhere
+            "peak_rss_mib": round(small["embedding"]["peak_rss_mib"], 1),
+            "peak_rss_mib_4x": round(big["embedding"]["peak_rss_mib"], 1),
+            # the whole run: tissue detection reads a low-resolution level, in proportion
+            # to the slide's area
+            "peak_rss_mib_with_tissue": round(small["whole"]["peak_rss_mib"], 1),
+            "peak_rss_mib_with_tissue_4x": round(big["whole"]["peak_rss_mib"], 1),
+            "tiles_4x": big["whole"]["tiles"],
+            "pipeline_tiles_per_s_4x": round(big["embedding"]["tiles_per_s"], 1),
         })  # fmt: skip
+        if args.also_16x:
+            huge = child_rss(bench_slide(args.cache_dir, scale=4), args.workers, args.batch_size)
+            out.update({"peak_rss_mib_16x": round(huge["embedding"]["peak_rss_mib"], 1),
+                        "peak_rss_mib_with_tissue_16x": round(huge["whole"]["peak_rss_mib"], 1),
+                        "tiles_16x": huge["whole"]["tiles"]})  # fmt: skip
     out.update({"load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
                 "python": platform.python_version()})  # fmt: skip
     print(json.dumps(out))

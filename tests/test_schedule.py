@@ -88,6 +88,18 @@ def test_restrict_and_lift() -> None:
     assert s.n_remaining == len(lay) - 4 - 3
 
 
+def test_restrict_to_regions_before_and_after_binding() -> None:
+    lay = _Layout()  # tiles of 100 px, 8 columns
+    s = TileSchedule()
+    s.restrict_to_regions([(150, 150, 10, 10)])  # inside tile (1, 1) = 9
+    s.bind(lay, np.arange(len(lay)), lay.groups())
+    np.testing.assert_array_equal(s.remaining(), [9])
+    s.restrict_to_regions([(0, 0, 100, 100), (700, 500, 100, 100)])
+    np.testing.assert_array_equal(s.remaining(), [0, 47])
+    with pytest.raises(TilescopeError, match="positive width"):
+        s.restrict_to_regions([(0, 0, -1, 5)])
+
+
 def test_indices_keys_and_from_order() -> None:
     lay = _Layout()
     s = TileSchedule.from_order([47, 1, 47, 0])  # duplicates count once

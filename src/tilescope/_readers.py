@@ -245,7 +245,10 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     sock = socket.socket(fileno=fd)
     state = _WorkerState()
-    send(sock, ("ready", os.getpid()))
+    try:
+        send(sock, ("ready", os.getpid()))
+    except OSError:
+        return
     try:
         while True:
             try:
@@ -256,7 +259,10 @@ def worker_main(fd: int) -> None:
                 return
             reply = state.handle(msg, fds)
             if reply is not None:
-                send(sock, reply)
+                try:
+                    send(sock, reply)
+                except OSError:  # the parent is gone
+                    return
     finally:
         state.release()
         sock.close()

@@ -7,7 +7,8 @@ may, at any time:
 
 - `prioritize` with one float key per tile (lower is sooner; e.g. the distance to the centre
   of the napari view): what has not been handed to a reader yet is re-ordered;
-- `restrict` to some tiles (a drawn region, the current view) or lift the restriction;
+- `restrict` to some tiles, or `restrict_to_regions` (a drawn region, the current view), or
+  lift the restriction;
 - ask what `remaining` tiles have not been handed out.
 
 Blocks already handed to a reader are not affected. A stream ends when no allowed tile is
@@ -52,7 +53,7 @@ class TileSchedule:
         self._bound = threading.Event()
         self._wanted = None if indices is None else _as_indices(indices)
         self._keys_in: Keys | None = keys
-        self._allowed_in: np.ndarray | None = None
+        self._allowed_in: np.ndarray | Callable[[Any], np.ndarray] | None = None
         self.layout: Any = None
         self._todo = np.zeros(0, np.int64)
 
@@ -101,6 +102,19 @@ class TileSchedule:
         allowed = None if indices is None else _as_indices(indices)
         with self._lock:
             self._allowed_in = allowed
+            if self.bound:
+                self._apply_restriction()
+                self._reorder()
+
+    def restrict_to_regions(self, regions: Any) -> None:
+        """Read only the tiles that overlap these level-0 regions (boxes ``(x, y, w, h)``
+        and/or shapely polygons; `tilescope.regions.tiles_overlapping`), from now on; usable
+        before the schedule is bound. ``restrict(None)`` lifts it."""
+        from .regions import as_geometries, tiles_overlapping
+
+        geoms = as_geometries(regions)  # checked now, in the caller's thread
+        with self._lock:
+            self._allowed_in = lambda lay: tiles_overlapping(lay.coords, lay.tile_l0, geoms)
             if self.bound:
                 self._apply_restriction()
                 self._reorder()
@@ -168,10 +182,13 @@ class TileSchedule:
         return ~self._taken & self._allowed
 
     def _apply_restriction(self) -> None:
-        if self._allowed_in is None:
+        allowed = self._allowed_in
+        if allowed is None:
             self._allowed[:] = True
-        else:
-            self._allowed = np.isin(self._todo, self._allowed_in)
+            return
+        if callable(allowed):
+            allowed = allowed(self.layout)
+        self._allowed = np.isin(self._todo, allowed)
 
     def _resolve_keys(self, keys: Keys) -> np.ndarray:
         """Keys aligned with ``self._todo`` (float64, NaN -> +inf)."""
