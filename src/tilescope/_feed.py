@@ -71,6 +71,7 @@ class Feeder:
         self.next_task = 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # a full wake-up pipe already wakes the feeder
         for w in workers:
             try:
                 rd.send(w.sock, ("arena", self.arena.nbytes, tile_shape), (self.arena.fd,))
@@ -169,7 +170,7 @@ class Feeder:
     def _dispatch(self) -> None:
         """Send blocks to workers with room, while batches ahead stay within `prefetch`."""
         for w in self.workers:
-            while w.outstanding < DEPTH and not self.exhausted:
+            while w.outstanding < DEPTH and not self.exhausted and self.error is None:
                 room = self._room()
                 if room == 0:
                     return
@@ -211,7 +212,10 @@ class Feeder:
         self.next_task += 1
         self.tasks[task_id] = (w, where)
         w.outstanding += 1
-        rd.send(w.sock, ("task", task_id, self.key, self.plan, reads, dests))
+        try:
+            rd.send(w.sock, ("task", task_id, self.key, self.plan, reads, dests))
+        except OSError:
+            self._dead(w)
 
     def _close_open(self) -> None:
         if self.open is not None:
