@@ -1,8 +1,10 @@
 """Benchmark tile streaming and tiling; prints one JSON object.
 
-1. Tiles/s of `stream_tiles` (parallel readers) against a plain single-threaded
+1. Tiles/s of `stream_tiles` (reader processes, block reads) against a plain single-threaded
    `Slide.read_region_mpp` loop over the same tiles of a synthetic 20x slide (at least
-   30,000 x 30,000 px), and the peak RSS of each. Headline: ``"ratio"`` = streamer / plain.
+   30,000 x 30,000 px), and the peak RSS of this process (the readers' own memory is in
+   bench_pipeline.py). Headline: ``"ratio"`` = streamer / plain. bench_pipeline.py measures
+   the whole embedding pipeline the same way, on a 40x slide read with a 2x reduction.
 2. Tissue detection + grid layout time on a 100,000 x 80,000 px slide
    (``"grid_seconds_100k"``).
 

@@ -32,7 +32,6 @@ from tilescope.cohort import (
     worker_device,
 )
 from tilescope.cohort._progress import ProgressBook
-from tilescope.cohort._worker import reader_workers
 from tilescope.embed import embed_slide
 from tilescope.errors import TilescopeError
 from tilescope.grid import TileGrid
@@ -271,18 +270,35 @@ def test_a_cancelled_task_is_seen_by_the_worker_plugin():
     assert plugin.cancelled == {"let-go"}
 
 
-def _readers_in_daemon(q) -> None:
-    q.put(reader_workers(3))
+def _read_in_daemon(q, path, layout) -> None:
+    from tilescope.tiles import stream_tiles
+
+    batches = stream_tiles(path, layout, target_mpp=0.5, tile_px=224, num_workers=1)
+    q.put(np.concatenate([b.images for b in batches]))
 
 
-def test_daemonic_processes_read_tiles_in_the_task():
-    assert reader_workers(3) == 3
-    ctx = multiprocessing.get_context("fork")
+def test_daemonic_worker_processes_start_reader_processes(slides):
+    """Dask starts workers as daemonic processes unless told otherwise; multiprocessing may not
+    start children there, but the readers are plain subprocesses: they run, and read what an
+    in-process read gives."""
+    from tilescope.grid import TileGrid
+    from tilescope.slide import Slide
+    from tilescope.tiles import stream_tiles
+    from tilescope.tissue import tissue_mask
+
+    path = slides["s0"]
+    with Slide(path) as s:
+        layout = TileGrid().layout(s, tissue_mask(s))
+    want = np.concatenate(
+        [b.images for b in stream_tiles(path, layout, target_mpp=0.5, tile_px=224, num_workers=0)]
+    )
+    ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_readers_in_daemon, args=(q,), daemon=True)
+    p = ctx.Process(target=_read_in_daemon, args=(q, path, layout), daemon=True)
     p.start()
-    assert q.get(timeout=30) == 0
+    got = q.get(timeout=120)
     p.join(10)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_progress_rate_and_eta():

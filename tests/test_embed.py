@@ -22,6 +22,7 @@ from tilescope.grid import TileGrid
 from tilescope.slide import Slide
 from tilescope.store import EmbeddingStore
 from tilescope.synthetic import SyntheticSlide
+from tilescope.tissue import tissue_mask
 
 
 def tree_digest(path: Path) -> str:
@@ -186,30 +187,35 @@ def test_unreadable_tile_is_recorded_and_the_store_completes(tiny_encoder, tmp_p
     from tilescope.score import PromptSet, score_store
 
     out = tmp_path / "f.zarr"
-    real = Slide.read_region_mpp
-    bad = {}
+    with Slide(need(CMU)) as slide:
+        coords = TileGrid().layout(slide, tissue_mask(slide)).coords
+    bad = tuple(int(v) + 100 for v in coords[len(coords) // 2])  # a point inside one tile
+    real = Slide.read_region_raw
 
-    def flaky(self, location, size, *, mpp):
-        if bad.get("xy") is None:
-            bad["xy"] = tuple(location)
-        if tuple(location) == bad["xy"]:
+    def flaky(self, location, level, size, *, out=None):
+        x, y = location  # level 0 here: the region covers [x, x + w) x [y, y + h)
+        tiles = size[0] % 224 == size[1] % 224 == 0  # tile reads, not the tissue detector's
+        if tiles and x <= bad[0] < x + size[0] and y <= bad[1] < y + size[1]:
             raise RegionReadError(self.path, f"failed to decode region at {location}")
-        return real(self, location, size, mpp=mpp)
+        return real(self, location, level, size, out=out)
 
-    monkeypatch.setattr(Slide, "read_region_mpp", flaky)
+    # in-process reads (num_workers=0) see the patched reader: the block holding the point
+    # fails, is read again tile by tile, and only the tile under the point fails
+    monkeypatch.setattr(Slide, "read_region_raw", flaky)
     first = embed_slide(need(CMU), out, encoder=tiny_encoder, num_workers=0)
     assert first.complete and len(first.failed) == 1 and first.n_failed == 1
     store = EmbeddingStore.open(out)
     ((i, message),) = store.failures
     assert store.complete and not store.done[i] and "decode" in message
-    assert tuple(store.coords[i]) == bad["xy"]
+    x, y = store.coords[i]
+    assert x <= bad[0] < x + 224 and y <= bad[1] < y + 224
     prompts = PromptSet.parse("a: tumor\nb: stroma")
     scores, pooled = score_store(store, prompts, tiny_encoder.encode_text, tiny_encoder.logit_scale)
     assert np.isnan(scores.probs[i]).all() and np.isfinite(list(pooled.scores.values())).all()
 
     again = embed_slide(CMU, out, encoder=tiny_encoder, num_workers=0)
     assert again.embedded_now == 0 and again.failed == ()  # not retried by default
-    monkeypatch.setattr(Slide, "read_region_mpp", real)
+    monkeypatch.setattr(Slide, "read_region_raw", real)
     retry = embed_slide(CMU, out, encoder=tiny_encoder, retry_failed=True)
     assert retry.embedded_now == 1 and retry.n_failed == 0
     healed = EmbeddingStore.open(out)

@@ -17,18 +17,23 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
+
+from . import _pipeline
+from ._resample import RESAMPLING
 from ._signature import jsonable
 from .errors import NoTilesError, StoreNotice
 from .grid import TileGrid, TileLayout
+from .regions import Region, tiles_overlapping
 from .slide import Slide
 from .store import EmbeddingStore
-from .tiles import stream_tiles
+from .tiles import Order, default_workers, stream_tiles
 from .tissue import NoTissueWarning, tissue_mask
 
 if TYPE_CHECKING:
@@ -46,6 +51,10 @@ class EmbedProgress:
     elapsed: float
     rate: float  # tiles per second in this run
     failed: int = 0
+    #: Rows of the batch just embedded and their embeddings (float32 (n, D), L2-normalised),
+    #: so a live view can score new rows without reading the store; None in other reports.
+    indices: np.ndarray | None = field(default=None, repr=False, compare=False)
+    embeddings: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def eta(self) -> float | None:
@@ -123,6 +132,8 @@ def build_signature(
             "stride_l0": float(layout.stride_l0),
             "grid_shape": [int(v) for v in layout.grid_shape],
         },
+        # how tiles were resampled: a notice if it differs, never a refusal
+        "reader": {"resampling": RESAMPLING},
     }
     if tissue is not None:
         sig["tissue"] = dict(tissue)
@@ -167,17 +178,20 @@ def iter_embed_slide(
     grid: TileGrid | None = None,
     slide_mpp: float | None = None,
     batch_size: int = 32,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     overwrite: bool = False,
     on_error: str = "skip",
     retry_failed: bool = False,
     tissue_kwargs: dict[str, Any] | None = None,
+    order: Order = None,
+    regions: Iterable[Region] | None = None,
+    prefetch_batches: int | None = None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     """Embed one slide, yielding an `EmbedProgress` after every batch; returns `EmbedResult`.
 
-    Closing the generator (``gen.close()``, napari's Cancel) stops after the batch in flight;
-    every row embedded so far is flushed to the store and a later run resumes from there.
-    A killed process loses at most the rows of the last ``store.FLUSH_SECONDS`` seconds.
+    Closing the generator (``gen.close()``, napari's Cancel) stops after the batches in
+    flight; every row embedded so far is written to the store and a later run resumes from
+    there. A killed process loses at most the rows of the last ``store.FLUSH_SECONDS`` seconds.
 
     An existing store is resumed from its own tiles when its signature matches (the tissue
     is not detected again); a damaged one is repaired (its damaged rows are embedded again).
@@ -187,11 +201,28 @@ def iter_embed_slide(
     Tiles that cannot be read (``on_error="skip"``) are recorded in the store as failed; the
     store still completes, and scores, search and export leave them out. They are tried
     again only with ``retry_failed=True``.
+
+    Parameters
+    ----------
+    num_workers
+        Reader processes; None: one if the model runs on the CPU (it needs the cores, and
+        one reader outpaces it many times), else one per CPU but one; 0 reads in this thread.
+    order
+        None (grid order), tile indices (those, in that order), or a
+        `~tilescope.schedule.TileSchedule` that is bound to the store's missing rows here and
+        may be re-ordered or restricted while the run goes on (view first).
+    regions
+        Embed only the tiles that overlap these level-0 regions (boxes ``(x, y, w, h)``
+        and/or shapely polygons). The store stays partial (``complete`` False) until a run
+        without regions embeds the rest.
+    prefetch_batches
+        Batches read ahead of the model (None: enough to keep every reader busy).
     """
     grid = grid or TileGrid()
     t0 = time.perf_counter()
     name = Path(slide_path).name
     tissue = tissue_parameters(tissue_kwargs)
+    region_list = None if regions is None else list(regions)
     with Slide(slide_path, mpp=slide_mpp) as slide:
         _ = slide.mpp  # fail early and clearly if mpp is missing
         signature = build_signature(slide, grid, grid.geometry(slide), encoder, tissue=tissue)
@@ -210,14 +241,26 @@ def iter_embed_slide(
         warnings.warn(f"{store.path}: repaired: {damage}; embedding those rows again",
                       StoreNotice, 2)  # fmt: skip
     layout = store_layout(store)
+    workers = _workers(encoder, num_workers)
     try:
-        result = yield from _embed_rows(name, t0, store, layout, grid, encoder, slide_path,
-                                        slide_mpp, batch_size, num_workers, on_error,
-                                        retry_failed)  # fmt: skip
+        result = yield from _embed_rows(
+            name, t0, store, layout, grid, encoder, slide_path, slide_mpp, on_error,
+            retry_failed, region_list,
+            dict(batch_size=batch_size, num_workers=workers, order=order,
+                 prefetch_batches=prefetch_batches),
+        )  # fmt: skip
         store.publish()  # a replacement (overwrite) takes the old store's place
         return result
     finally:
         store.close()  # flushes, and lets the next writer in (also on cancel or error)
+
+
+def _workers(encoder: Any, num_workers: int | None) -> int:
+    """Reader processes for this encoder (see `iter_embed_slide`)."""
+    if num_workers is not None:
+        return num_workers
+    device = getattr(getattr(encoder, "device", None), "type", "cpu")
+    return 1 if device == "cpu" else max(1, default_workers() - 1)
 
 
 def _embed_rows(
@@ -229,55 +272,45 @@ def _embed_rows(
     encoder: Encoder,
     slide_path: str | PathLike[str],
     slide_mpp: float | None,
-    batch_size: int,
-    num_workers: int,
     on_error: str,
     retry_failed: bool,
+    regions: list[Region] | None,
+    stream_kwargs: dict[str, Any],
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     total = len(layout)
     todo = store.todo_indices(include_failed=retry_failed)
-    done = total - len(todo)
-    embedded_now = 0
-    failures: list[tuple[int, str]] = []
+    if regions is not None:
+        todo = np.intersect1d(todo, tiles_overlapping(layout.coords, layout.tile_l0, regions))
+    state = {"done": total - len(store.todo_indices(include_failed=retry_failed)), "failed": 0}
     t_start = time.perf_counter()
-    yield EmbedProgress(name, "embedding", done, total, time.perf_counter() - t0, 0.0)
-    if len(todo):
-        batches = stream_tiles(
-            slide_path,
-            layout,
-            target_mpp=grid.target_mpp,
-            tile_px=grid.tile_px,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_error=on_error,
-            indices=todo,
-            slide_mpp=slide_mpp,
-        )
-        try:
-            for batch in batches:
-                for f in batch.failed:
-                    failures.append((int(f.index), str(f.message)))
-                if len(batch.indices):
-                    emb = encoder.encode_images(batch.images)
-                    store.write_rows(batch.indices, emb)
-                    embedded_now += len(batch.indices)
-                done += len(batch.indices) + len(batch.failed)
-                rate = embedded_now / max(time.perf_counter() - t_start, 1e-9)
-                yield EmbedProgress(
-                    name, "embedding", done, total, time.perf_counter() - t0, rate,
-                    failed=len(failures),
-                )  # fmt: skip
-        finally:
-            batches.close()  # stop reader threads promptly, also on cancel
-            store.flush()  # keep every embedded row, also on cancel or error
+    yield EmbedProgress(name, "embedding", state["done"], total, time.perf_counter() - t0, 0.0)
+
+    def report(covered: int, embedded: int, idx: Any, emb: Any) -> EmbedProgress:
+        state["done"] += covered
+        return EmbedProgress(name, "embedding", state["done"], total, time.perf_counter() - t0,
+                             _pipeline.rate(embedded, t_start), failed=state["failed"],
+                             indices=idx, embeddings=emb)  # fmt: skip
+
+    batches = stream_tiles(
+        slide_path, layout, target_mpp=grid.target_mpp, tile_px=grid.tile_px,
+        on_error=on_error, indices=todo, slide_mpp=slide_mpp, copy=False, **stream_kwargs,
+    )  # fmt: skip
+    writer = _pipeline.StoreWriter(store)
+    try:
+        run = _pipeline.embed_batches(batches, encoder, writer, report)
+        embedded_now, failures = yield from run
+    finally:
+        writer.close()  # the rows in its queue are written first, also on cancel
+        store.flush()  # keep every embedded row, also on cancel or error
+    writer.check()
     if failures or store.failures:  # also forgets earlier failures embedded now
         store.record_failures(failures)
     complete = not len(store.todo_indices())  # failed tiles are recorded, not pending
     if complete and not store.complete:
         store.finalize()
     elapsed = time.perf_counter() - t0
-    rate = embedded_now / max(time.perf_counter() - t_start, 1e-9)
-    yield EmbedProgress(name, "done", done, total, elapsed, rate, failed=len(failures))
+    rate = _pipeline.rate(embedded_now, t_start)
+    yield EmbedProgress(name, "done", state["done"], total, elapsed, rate, failed=len(failures))
     return EmbedResult(
         store_path=store.path,
         n_tiles=total,
@@ -300,6 +333,7 @@ def embed_slide(
     backend: str = "auto",
     progress: Callable[[EmbedProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    regions: Iterable[Region] | None = None,
     **kwargs: Any,
 ) -> EmbedResult:
     """Embed one slide into a zarr store (see `iter_embed_slide` for the keyword options).
@@ -315,12 +349,14 @@ def embed_slide(
         Called with an `EmbedProgress` after every batch.
     should_stop
         Polled after every batch; returning True stops cleanly (the store keeps its rows).
+    regions
+        Embed only the tiles overlapping these level-0 regions (boxes and/or polygons).
     """
     if encoder is None:
         from .models import DEFAULT_MODEL, load_encoder
 
         encoder = load_encoder(model or DEFAULT_MODEL, device=device, backend=backend)
-    gen = iter_embed_slide(slide_path, store_path, encoder=encoder, **kwargs)
+    gen = iter_embed_slide(slide_path, store_path, encoder=encoder, regions=regions, **kwargs)
     first: EmbedProgress | None = None
     try:
         while True:

@@ -45,6 +45,13 @@ class RegionReadError(SlideError):
     """A region of an otherwise readable slide failed to decode."""
 
 
+class ReaderError(SlideError):
+    """A tile reader process died or failed; the tiles it was reading are not read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
+
+
 class MissingMppError(SlideError):
     """A step needs physical pixel size but the slide has none and no override was given."""
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._resample import resize_rgb, rgb_array, rgb_image, scale_box
+from ._resample import rgba_to_rgb as _rgba_to_rgb  # noqa: F401  (kept importable from here)
 from .errors import (
     MissingMppError,
     RegionReadError,
@@ -27,6 +30,9 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .pyramid import LazyLevel, Pyramid
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: File suffixes OpenSlide reads (the napari reader claims these).
 SLIDE_SUFFIXES = (
@@ -240,6 +246,11 @@ class Slide:
         return self._mpp_override or self._native_mpp[1]
 
     @property
+    def mpp_override(self) -> float | None:
+        """The level-0 µm per pixel given when opening, if any."""
+        return self._mpp_override
+
+    @property
     def mpp_source(self) -> str:
         return "override" if self._mpp_override else self._native_mpp[2]
 
@@ -312,13 +323,34 @@ class Slide:
 
         Areas outside the slide or transparent in it come back white (glass).
         """
+        rgb = rgb_array(self.read_region_pil(location, level, size))
+        return rgb if rgb.flags.writeable else rgb.copy()
+
+    def read_region_pil(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image:
+        """A region as a Pillow image: RGB where it is opaque (nearly always inside a slide),
+        else OpenSlide's straight RGBA (`tilescope._resample` composites it over white).
+        Raises `RegionReadError`."""
+        w, h = int(size[0]), int(size[1])
+        return self.read_region_raw(location, level, (w, h)).tile(0, 0, w, h)
+
+    def read_region_raw(
+        self, location: tuple[int, int], level: int, size: tuple[int, int],
+        *, out: np.ndarray | None = None,
+    ) -> RawRegion:  # fmt: skip
+        """A region as OpenSlide paints it, to cut tiles from (`RawRegion.tile`) without
+        converting all of it. `out`: a uint32 buffer of at least w * h to paint into (reused
+        by block readers; the region is valid until it is painted over).
+        Raises `RegionReadError`."""
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise SlideError(self.path, f"region size must be positive, got {size}")
         if not 0 <= level < self.level_count:
             raise SlideError(self.path, f"level {level} out of range 0..{self.level_count - 1}")
+        x, y = int(location[0]), int(location[1])
         try:
-            rgba = self._osr.read_region((int(location[0]), int(location[1])), level, (w, h))
+            return _paint(self._osr, x, y, level, w, h, out)
         except Exception as exc:
             self.close_thread_handle()  # the handle is now in an error state; reopen next time
             raise RegionReadError(
@@ -326,7 +358,6 @@ class Slide:
                 f"failed to decode region at level-0 ({location[0]}, {location[1]}), "
                 f"level {level}, size {w}x{h}: {exc}",
             ) from exc
-        return _rgba_to_rgb(np.asarray(rgba))
 
     def read_region_mpp(
         self, location: tuple[int, int], size: tuple[int, int], *, mpp: float
@@ -343,16 +374,30 @@ class Slide:
     ) -> np.ndarray:
         """`size` (w, h) pixels at `downsample` level-0 px per pixel, top-left at `location`.
 
-        Reads the best level at or finer than `downsample`; resizes with antialiasing unless
-        that level's downsample is `downsample` itself.
+        Reads the best level at or finer than `downsample`. Unless that level's downsample is
+        `downsample` itself, it reads ``round(w * s) x round(h * s)`` level pixels (``s`` level
+        pixels per output pixel) and scales them with the kernels every tile reader uses
+        (`tilescope._resample`: a box mean for an exact integer factor, else Lanczos).
         """
+        level, (lw, lh) = self.scaled_read_size(size, downsample)
+        w, h = int(size[0]), int(size[1])
+        if (lw, lh) == (w, h):
+            return self.read_region(location, level, (w, h))
+        img = rgb_image(self.read_region_pil(location, level, (lw, lh)))
+        out = scale_box(img, (0, 0, lw, lh), (w, h))
+        return out if out.flags.writeable else out.copy()
+
+    def scaled_read_size(
+        self, size: tuple[int, int], downsample: float
+    ) -> tuple[int, tuple[int, int]]:
+        """The level `read_scaled` reads for `size` pixels at `downsample`, and how many level
+        pixels (w, h) it reads there."""
         level = self.best_level_for_downsample(downsample)
         scale = downsample / self.level_downsamples[level]  # level pixels per output pixel
         w, h = int(size[0]), int(size[1])
         if abs(scale - 1) <= 1e-9:
-            return self.read_region(location, level, (w, h))
-        lw, lh = max(1, round(w * scale)), max(1, round(h * scale))
-        return resize_rgb(self.read_region(location, level, (lw, lh)), (w, h))
+            return level, (w, h)
+        return level, (max(1, round(w * scale)), max(1, round(h * scale)))
 
     def downsample_for_mpp(self, mpp: float) -> float:
         """Level-0 pixels per pixel at `mpp`, snapped to a pyramid level's downsample within
@@ -399,34 +444,73 @@ class Slide:
         return Pyramid(self, min_size=min_size).levels
 
 
-def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB uint8 image to (w, h) with antialiasing (Pillow's Lanczos/box filters)."""
-    from PIL import Image
+class RawRegion:
+    """A region as OpenSlide painted it: premultiplied ARGB (uint32, (h, w)); or, with an
+    openslide-python that lacks the low-level call used here, its RGBA image."""
 
-    w, h = size
-    if img.shape[1] == w and img.shape[0] == h:
-        return img
-    pil = Image.fromarray(img)
-    # reducing_gap first box-reduces by an integer factor, then applies Lanczos: fast and
-    # antialiased for large reductions.
-    out = pil.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(out)
+    __slots__ = ("argb", "image")
+
+    def __init__(self, argb: np.ndarray | None, image: Image.Image | None = None) -> None:
+        self.argb, self.image = argb, image
+
+    def tile(self, x: int, y: int, w: int, h: int) -> Image.Image:
+        """Pixels ``[x, x + w) x [y, y + h)``: RGB if all are opaque, else straight RGBA
+        (as openslide-python un-premultiplies it). Only these pixels are converted."""
+        from PIL import Image
+
+        if self.argb is None:
+            assert self.image is not None
+            full = (x, y, w, h) == (0, 0, *self.image.size)
+            return self.image if full else self.image.crop((x, y, x + w, y + h))
+        view = self.argb[y : y + h, x : x + w]
+        if view.min() >= 0xFF000000:  # opaque: premultiplied is the straight colour
+            # unpacked straight from the region's rows (a stride), no copy of the tile first
+            width = self.argb.shape[1]
+            flat = self.argb.reshape(-1).view(np.uint8)
+            start = (y * width + x) * 4
+            rows = flat[start : start + ((h - 1) * width + w) * 4]
+            return Image.frombuffer("RGB", (w, h), rows, "raw", _ARGB_RAWMODE, width * 4, 1)
+        a = np.array(view)  # our own copy, converted in place
+        _convert().argb2rgba(a)
+        return Image.frombuffer("RGBA", (w, h), a, "raw", "RGBA", 0, 1)
 
 
-def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite premultiplied-or-not RGBA from OpenSlide over white."""
-    if rgba.shape[-1] == 3:
-        return np.ascontiguousarray(rgba)
-    alpha = rgba[..., 3]
-    rgb = np.ascontiguousarray(rgba[..., :3])
-    if alpha.min() == 255:
-        return rgb
-    # openslide-python hands out straight (not premultiplied) RGBA; fully transparent pixels
-    # are (0, 0, 0, 0). Blend over white, in integers and only where alpha < 255.
-    where = alpha < 255
-    a = alpha[where].astype(np.uint32)[:, None]
-    rgb[where] = ((rgb[where] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-    return rgb
+#: How Pillow unpacks a native-endian ARGB word to RGB.
+_ARGB_RAWMODE = "BGRX" if sys.byteorder == "little" else "XRGB"
+
+
+def _convert() -> Any:
+    from openslide import lowlevel
+
+    return lowlevel._convert
+
+
+def _lowlevel_read() -> Any:
+    """openslide-python's low-level ``read_region`` into a caller's buffer, if this version
+    has it (and the ARGB -> RGBA conversion that goes with it)."""
+    lowlevel = sys.modules.get("openslide.lowlevel")
+    if getattr(lowlevel, "_convert", None) is None:
+        return None
+    return getattr(lowlevel, "_read_region", None)
+
+
+def _paint(osr: Any, x: int, y: int, level: int, w: int, h: int,
+           out: np.ndarray | None) -> RawRegion:  # fmt: skip
+    """`osr.read_region` into a buffer of ours, without openslide-python's conversion pass
+    (tiles are converted one by one, opaque ones straight to RGB). Falls back to the public
+    `read_region` where openslide-python's low-level call is not there."""
+    import ctypes
+
+    handle = getattr(osr, "_osr", None)
+    read = _lowlevel_read()
+    if handle is None or read is None:
+        return RawRegion(None, osr.read_region((x, y), level, (w, h)))
+    if out is None or out.size < w * h or out.dtype != np.uint32:
+        buf = np.zeros((h, w), np.uint32)
+    else:
+        buf = out.reshape(-1)[: w * h].reshape(h, w)
+    read(handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h)
+    return RawRegion(buf)
 
 
 def _float(value: str | None) -> float | None:

@@ -1,27 +1,48 @@
-"""Stream the tiles of a layout as uint8 batches, read in parallel with bounded memory.
+"""Stream the tiles of a layout as uint8 batches: reader processes, block reads, any order.
 
-Reader threads each take a whole batch (a run of consecutive tile indices, so each reads
-row-major and keeps its OpenSlide tile cache warm) with their own OpenSlide handle (OpenSlide
-releases the GIL while decoding). At most `prefetch_batches` batches are read ahead of the
-consumer, so memory does not grow with the slide. Batches are yielded in index order.
+Reader worker processes (`tilescope._readers`; ``num_workers=0`` reads in the calling thread)
+each hold their own OpenSlide handle and fetch *blocks* of neighbouring tiles with one read
+(`tilescope._blocks`), writing tiles into shared memory. The order is a `TileSchedule`: grid
+order by default, a list of indices, or a schedule the caller re-orders while the stream runs
+(view first). At most `prefetch_batches` batches are read ahead of the consumer, so memory
+does not grow with the slide.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Generator, Sequence
+import os
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from os import PathLike
 from typing import Any
 
 import numpy as np
 
+from ._blocks import ReadPlan, read_tiles
 from .errors import GridError, RegionReadError
 from .grid import TileLayout
+from .schedule import TileSchedule
 from .slide import Slide
 
-_JOIN_TIMEOUT_S = 30.0
+#: Batches a consumer may hold unreleased with ``copy=False`` (one in the model, one being
+#: submitted), on top of `prefetch_batches`.
+HELD_BATCHES = 2
+
+#: Shared memory for batches read ahead, at most, when `prefetch_batches` is automatic.
+MAX_PREFETCH_BYTES = 512 * 2**20
+
+#: What ``order=`` takes: None (grid order), indices (that order, only those), a schedule.
+Order = Sequence[int] | np.ndarray | TileSchedule | None
+
+
+def default_workers() -> int:
+    """Reader processes by default: one per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -35,12 +56,12 @@ class TileFailure:
 
 @dataclass
 class TileBatch:
-    """Consecutive tiles of a layout.
+    """Tiles of a layout, in schedule order.
 
     Attributes
     ----------
     indices
-        (n,) int64 tile indices into the layout, increasing.
+        (n,) int64 tile indices into the layout.
     images
         (n, tile_px, tile_px, 3) uint8 RGB tiles, ``images[k]`` is tile ``indices[k]``.
     failed
@@ -51,9 +72,17 @@ class TileBatch:
     indices: np.ndarray
     images: np.ndarray
     failed: list[TileFailure] = field(default_factory=list)
+    _release: Callable[[], None] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def release(self) -> None:
+        """Give the batch's shared memory back to the readers (``copy=False`` streams: call
+        it once `images` is no longer used; a no-op otherwise)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 def stream_tiles(
@@ -63,13 +92,15 @@ def stream_tiles(
     target_mpp: float,
     tile_px: int,
     batch_size: int = 64,
-    num_workers: int = 2,
-    prefetch_batches: int = 4,
+    num_workers: int | None = None,
+    prefetch_batches: int | None = None,
     on_error: str = "skip",
     indices: Sequence[int] | np.ndarray | None = None,
     slide_mpp: float | None = None,
+    order: Order = None,
+    copy: bool = True,
 ) -> Generator[TileBatch, None, None]:
-    """Yield the tiles of `layout` as uint8 batches in index order.
+    """Yield the tiles of `layout` as uint8 batches, in the order `order` gives.
 
     Parameters
     ----------
@@ -80,22 +111,31 @@ def stream_tiles(
     target_mpp, tile_px
         The grid's resolution and tile size; checked against the layout.
     batch_size
-        Tiles per batch (the last batch may be smaller).
+        Tiles per batch (only the last batch may be smaller).
     num_workers
-        Reader threads; 0 reads in the calling thread.
+        Reader processes; None: one per CPU this process may use (`default_workers`); 0 reads
+        in the calling thread (tests, debugging; also where processes cannot be started: no
+        Unix sockets that pass descriptors, e.g. Windows, or a frozen application).
     prefetch_batches
-        Batches read ahead of the consumer at most (memory bound: about
-        ``(prefetch_batches + 1) * batch_size`` tiles). Fewer than `num_workers` leaves
-        workers idle.
+        Batches read ahead of the consumer at most (memory: about ``prefetch_batches *
+        batch_size`` tiles of shared memory, plus one block per reader). It is also how far
+        a re-prioritised schedule lags: blocks already handed out are read as they are.
+        None: enough for every reader to hold two blocks (at least 2; `auto_prefetch`).
     on_error
         ``"skip"`` records a tile that fails to decode in `TileBatch.failed` and goes on;
         ``"raise"`` stops with `tilescope.errors.RegionReadError` once the batches before it
         have been yielded.
     indices
-        Read only these tile indices (e.g. to resume); duplicates are read once, and batches
-        follow increasing index order. ``None`` reads every tile.
+        Read only these tile indices (e.g. a resume's missing rows); duplicates are read once.
+        None reads every tile (or every tile of `order`).
     slide_mpp
         Level-0 µm per pixel, overriding the slide's own value (for slides without one).
+    order
+        None: grid order (block by block); a sequence of indices: those tiles in that order;
+        a `TileSchedule`: its order, which may change while the stream runs.
+    copy
+        True: every batch owns its images. False: `images` is a view of shared memory, valid
+        until `TileBatch.release` (hold at most `HELD_BATCHES` unreleased); saves a copy.
 
     Yields
     ------
@@ -103,8 +143,10 @@ def stream_tiles(
 
     Notes
     -----
-    Closing the generator (``break`` out of the loop, ``close()``, or dropping it) stops the
-    reader threads after the tile each is reading.
+    Tiles come a block at a time: a block is due when its best-placed tile is, and its
+    tiles follow in key order. Closing the generator (``break``, ``close()``, dropping it)
+    stops dispatching; the readers finish the block in hand and stay ready for the next
+    stream. A reader process that dies raises `tilescope.errors.ReaderError`.
 
     Examples
     --------
@@ -113,15 +155,18 @@ def stream_tiles(
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+    workers = default_workers() if num_workers is None else num_workers
+    prefetch_given = prefetch_batches is not None
     for name, value, low in (
         ("batch_size", batch_size, 1),
-        ("num_workers", num_workers, 0),
-        ("prefetch_batches", prefetch_batches, 1),
+        ("num_workers", workers, 0),
+        ("prefetch_batches", prefetch_batches if prefetch_given else 1, 1),
         ("tile_px", tile_px, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     wanted = _requested(layout, indices)
+    schedule = _schedule(order)
     owned = True  # opened here, closed when the stream ends
     if not isinstance(slide, Slide):
         slide = Slide(slide, mpp=slide_mpp)
@@ -131,15 +176,46 @@ def stream_tiles(
         owned = False
     try:
         _check_layout(slide, layout, target_mpp, tile_px)
+        plan = ReadPlan.for_layout(slide, layout, int(tile_px))
+        schedule.bind(layout, wanted, plan.groups(layout))
+        prefetch = (
+            int(prefetch_batches)
+            if prefetch_batches is not None
+            else auto_prefetch(plan, int(batch_size), int(workers))
+        )
     except BaseException:
         if owned:
             slide.close()
         raise
-    chunks = [wanted[i : i + batch_size] for i in range(0, len(wanted), batch_size)]
-    reader = _Reader(slide, layout, float(target_mpp), int(tile_px), on_error)
-    if num_workers == 0:
-        return _serial(reader, chunks, owned)
-    return _parallel(reader, chunks, int(num_workers), int(prefetch_batches), owned)
+    if workers == 0 or not _readers_available():
+        return _serial(slide, plan, layout, schedule, int(batch_size), on_error, owned)
+    return _parallel(slide, plan, layout, schedule, int(batch_size), int(workers),
+                     prefetch, on_error, copy, owned)  # fmt: skip
+
+
+def auto_prefetch(plan: ReadPlan, batch_size: int, workers: int) -> int:
+    """Batches to read ahead so that each reader can hold `tilescope._feed.DEPTH` blocks:
+    at least 2, and at most `MAX_PREFETCH_BYTES` of tiles."""
+    from ._feed import DEPTH
+
+    block = min(plan.block_cells**2, batch_size)
+    want = max(2, math.ceil(workers * DEPTH * block / batch_size))
+    tile_bytes = plan.tile_px * plan.tile_px * 3
+    return max(2, min(want, MAX_PREFETCH_BYTES // (batch_size * tile_bytes)))
+
+
+def _readers_available() -> bool:
+    from ._readers import available
+
+    return available()
+
+
+def _schedule(order: Order) -> TileSchedule:
+    if order is None:
+        return TileSchedule()
+    if isinstance(order, TileSchedule):
+        return order
+    return TileSchedule.from_order(np.asarray(order, dtype=np.int64))
 
 
 def _requested(layout: TileLayout, indices: Any) -> np.ndarray:
@@ -162,118 +238,86 @@ def _check_layout(slide: Slide, layout: TileLayout, target_mpp: float, tile_px: 
         )
 
 
-class _Stopped(Exception):
-    """The consumer went away while a batch was being read."""
-
-
-class _Reader:
-    """Reads one chunk of tile indices into a `TileBatch`."""
-
-    def __init__(
-        self, slide: Slide, layout: TileLayout, mpp: float, tile_px: int, on_error: str
-    ) -> None:
-        self.slide = slide
-        self.coords = layout.coords
-        self.mpp = mpp
-        self.tile_px = tile_px
-        self.on_error = on_error
-        self.stop = threading.Event()
-        # warm metadata caches in this thread, so workers only read pixels
-        _ = slide.mpp, slide.level_downsamples, slide.dimensions
-
-    def read(self, chunk: np.ndarray) -> TileBatch:
-        size = (self.tile_px, self.tile_px)
-        images = np.empty((len(chunk), self.tile_px, self.tile_px, 3), np.uint8)
-        ok = np.ones(len(chunk), bool)
-        failed: list[TileFailure] = []
-        for k, i in enumerate(chunk):
-            if self.stop.is_set():
-                raise _Stopped
-            x, y = (int(v) for v in self.coords[i])
-            try:
-                images[k] = self.slide.read_region_mpp((x, y), size, mpp=self.mpp)
-            except RegionReadError as exc:
-                if self.on_error == "raise":
-                    raise
-                ok[k] = False
-                failed.append(TileFailure(int(i), (x, y), str(exc)))
-        if failed:
-            return TileBatch(chunk[ok], images[ok], failed)
-        return TileBatch(chunk, images, failed)
+def _batch(layout: TileLayout, tiles: np.ndarray, images: np.ndarray,
+           messages: dict[int, str]) -> TileBatch:  # fmt: skip
+    """A `TileBatch` of `tiles` whose failed ones (`messages`) are left out."""
+    if not messages:
+        return TileBatch(tiles, images)
+    ok = np.array([int(t) not in messages for t in tiles], bool)
+    failed = [TileFailure(int(t), (int(layout.coords[t][0]), int(layout.coords[t][1])),
+                          messages[int(t)]) for t in tiles[~ok]]  # fmt: skip
+    return TileBatch(tiles[ok], images[ok], failed)
 
 
 def _serial(
-    reader: _Reader, chunks: list[np.ndarray], owned: bool
+    slide: Slide,
+    plan: ReadPlan,
+    layout: TileLayout,
+    schedule: TileSchedule,
+    batch_size: int,
+    on_error: str,
+    owned: bool,
 ) -> Generator[TileBatch, None, None]:
+    """Read in the calling thread, block by block, in schedule order."""
+    tp = plan.tile_px
     try:
-        for chunk in chunks:
-            yield reader.read(chunk)
+        while True:
+            images = np.empty((batch_size, tp, tp, 3), np.uint8)
+            tiles: list[int] = []
+            messages: dict[int, str] = {}
+            while len(tiles) < batch_size:
+                got = schedule.take(batch_size - len(tiles))
+                if got is None:
+                    break
+                where = {int(t): len(tiles) + k for k, t in enumerate(got)}
+                tiles.extend(int(t) for t in got)
+
+                def emit(t: int, rgb: np.ndarray, where: dict[int, int] = where,
+                         images: np.ndarray = images) -> None:  # fmt: skip
+                    images[where[t]] = rgb
+
+                reads = plan.reads(got, layout.coords[got], layout.grid_rc[got])
+                messages.update(read_tiles(slide, plan, reads, emit))
+            if not tiles:
+                return
+            if messages and on_error == "raise":
+                raise RegionReadError(None, next(iter(messages.values())))
+            yield _batch(layout, np.asarray(tiles, np.int64), images[: len(tiles)], messages)
     finally:
         if owned:
-            reader.slide.close()
+            slide.close()
 
 
-def _parallel(
-    reader: _Reader, chunks: list[np.ndarray], num_workers: int, prefetch: int, owned: bool
-) -> Generator[TileBatch, None, None]:
-    """Workers claim chunks in order, never more than `prefetch` ahead of the consumer."""
-    cond = threading.Condition()
-    results: dict[int, TileBatch | BaseException] = {}
-    state = {"next_job": 0, "next_yield": 0}
+def _parallel(slide: Slide, plan: ReadPlan, layout: TileLayout, schedule: TileSchedule,
+              batch_size: int, workers: int, prefetch: int, on_error: str, copy: bool,
+              owned: bool) -> Generator[TileBatch, None, None]:  # fmt: skip
+    """Read in reader processes (see `tilescope._feed`)."""
+    from . import _readers
+    from ._feed import Feeder
 
-    def claim() -> int | None:
-        with cond:
-            while True:
-                job = state["next_job"]
-                if reader.stop.is_set() or job >= len(chunks):
-                    return None
-                if job < state["next_yield"] + prefetch:
-                    state["next_job"] = job + 1
-                    return job
-                cond.wait()
-
-    def work() -> None:
-        try:
-            while (job := claim()) is not None:
-                try:
-                    result: TileBatch | BaseException = reader.read(chunks[job])
-                except _Stopped:
-                    return
-                except BaseException as exc:  # handed to the consumer, raised in order
-                    result = exc
-                with cond:
-                    results[job] = result
-                    cond.notify_all()
-                if isinstance(result, BaseException):
-                    return
-        finally:
-            reader.slide.close_thread_handle()
-
-    threads = [
-        threading.Thread(target=work, name=f"tilescope-reader-{k}", daemon=True)
-        for k in range(min(num_workers, len(chunks)))
-    ]
+    pool, private = _readers.acquire_pool()
+    feeder: Feeder | None = None
     try:
-        for t in threads:
-            t.start()
-        for job in range(len(chunks)):
-            with cond:
-                while job not in results:
-                    if not any(t.is_alive() for t in threads) and job not in results:
-                        raise RuntimeError("tile reader threads stopped unexpectedly")
-                    cond.wait(timeout=1.0)
-                result = results.pop(job)
-                state["next_yield"] = job + 1
-                cond.notify_all()
-            if isinstance(result, BaseException):
-                raise result
-            yield result
+        key = (str(slide.path), slide.mpp_override)
+        feeder = feed = Feeder(pool, pool.ensure(workers), key, plan, layout, schedule,
+                               batch_size, prefetch, held=0 if copy else HELD_BATCHES)  # fmt: skip
+        while (slot := feed.next_batch()) is not None:
+            tiles = np.asarray(slot.tiles, np.int64)
+            messages = {t: slot.messages[t] for t in slot.messages}
+            if messages and on_error == "raise":
+                feed.release(slot)
+                raise RegionReadError(None, next(iter(messages.values())))
+            images = feed.images(slot)
+            if copy:
+                batch = _batch(layout, tiles, images.copy(), messages)
+                feed.release(slot)
+            else:
+                batch = _batch(layout, tiles, images, messages)
+                batch._release = partial(feed.release, slot)
+            yield batch
     finally:
-        reader.stop.set()
-        with cond:
-            cond.notify_all()
-        for t in threads:
-            t.join(_JOIN_TIMEOUT_S)
-        # never close handles under a thread that is still (improbably) reading
-        if owned and not any(t.is_alive() for t in threads):
-            reader.slide.close()
+        if feeder is not None:
+            feeder.close()
+        _readers.release_pool(pool, private)
+        if owned:
+            slide.close()

@@ -70,8 +70,6 @@ def register_encoder(encoder: Encoder) -> Encoder:
         return _ENCODERS.setdefault(key, encoder)
 
 
-
-
 def encoder_for_store(store: EmbeddingStore, device: str | None = None) -> Encoder:
     """The model that made `store` (same weights), for encoding prompts against it."""
     from ..errors import ModelError

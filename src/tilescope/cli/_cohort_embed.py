@@ -92,12 +92,6 @@ class _Display:
         )
         if not info.get("trained", True):
             print(f"NOTE: {info.get('label')}: embeddings are for testing the pipeline only.")
-        if info.get("daemonic"):
-            print(
-                "  note: the workers are daemonic processes, so tiles are read in the task; "
-                "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False for reader "
-                "processes"
-            )
         from tqdm import tqdm
 
         self.bar = tqdm(

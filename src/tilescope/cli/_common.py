@@ -116,6 +116,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def add_png_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--png", help=f"write {what} over the slide to this PNG")
     p.add_argument("--slide", help="the slide file (needed by --png)")

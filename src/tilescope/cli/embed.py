@@ -17,7 +17,15 @@ from typing import Any
 
 from ..errors import NoTilesError, StoreNotice, TilescopeError
 from . import _cohort_embed
-from ._common import EXIT_ERROR, OVERWRITE_FLAG, ProgressBar, describe, positive_int
+from ._common import (
+    EXIT_ERROR,
+    OVERWRITE_FLAG,
+    ProgressBar,
+    describe,
+    non_negative_int,
+    positive_int,
+    xywh,
+)
 
 
 def _error(text: str) -> None:
@@ -166,19 +174,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _roi(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"regions": polygons}`` from `--roi` (QuPath annotations, level-0 px), or ``{}``."""
-    if not args.roi:
+    """``{"regions": [...]}`` from `--roi` (QuPath annotations) and `--region` boxes (level-0
+    px), or ``{}``."""
+    boxes = getattr(args, "region", None) or []
+    if not args.roi and not boxes:
         return {}
     import inspect
 
     from ..embed import embed_slide
-    from ..qupath import annotation_regions
 
+    flags = " and ".join(f for f, v in (("--roi", args.roi), ("--region", boxes)) if v)
     if len(args.slides) != 1:
-        raise TilescopeError("--roi holds one slide's regions: embed that slide alone")
-    regions = annotation_regions(args.roi)
+        raise TilescopeError(f"{flags}: regions of one slide; embed that slide alone")
+    regions: list[Any] = [xywh(b) for b in boxes]  # checked: finite, positive size
+    if args.roi:
+        from ..qupath import annotation_regions
+
+        regions.extend(annotation_regions(args.roi))
     if "regions" not in inspect.signature(embed_slide).parameters:
-        raise TilescopeError("this Tilescope cannot restrict embedding to regions (--roi) yet")
+        raise TilescopeError(f"this Tilescope cannot restrict embedding to regions ({flags}) yet")
     return {"regions": regions}
 
 
@@ -235,7 +249,20 @@ def register(sub: Any) -> None:
         help="tiles per batch (default: 256 on a GPU with 12 GB or more, 64 on smaller GPUs "
         "and MPS, 16 on a CPU)",
     )
-    p.add_argument("--workers", type=positive_int, default=2, help="tile reader threads (2)")
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="tile reader processes (default: 1 when the model runs on the CPU, else one per "
+        "CPU but one; 0 reads in the main process)",
+    )
+    p.add_argument(
+        "--region",
+        action="append",
+        metavar="X,Y,W,H",
+        help="embed only the tiles that overlap this level-0 box (repeatable; one slide); the "
+        "store stays partial until a whole-slide run completes it",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -2,8 +2,9 @@
 
 Local workers are processes with one task thread each (one slide at a time per worker, one
 GPU each, as dask-cuda's workers), started as non-daemonic processes
-(``distributed.worker.daemon: False``) so that tile readers may be processes too, and forked
-from a fork server that imported torch once. Torch gets the machine's CPUs shared among the
+(``distributed.worker.daemon: False``, so a task may use multiprocessing; Tilescope's own tile
+readers are plain subprocesses and run in daemonic workers too), and forked from a fork server
+that imported torch once. Torch gets the machine's CPUs shared among the
 workers. On a cluster that runs already, these are that cluster's settings (see the README).
 """
 

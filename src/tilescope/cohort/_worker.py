@@ -80,13 +80,6 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def reader_workers(requested: int) -> int:
-    """Tile readers for `embed_slide` in this process: 0 (read in the task) in a daemonic
-    process, which may not start child processes (Dask starts worker processes as daemons
-    unless ``distributed.worker.daemon`` is False); `requested` otherwise."""
-    return 0 if multiprocessing.current_process().daemon else requested
-
-
 class CohortWorker(WorkerPlugin):
     """Per-worker state of one cohort run: the encoder (loaded on first use, once) and the
     keys of this run's tasks that were cancelled (so a running slide stops after its batch).
@@ -277,11 +270,10 @@ def embed_task(
             on_batch(p)
 
     kwargs = dict(embed_kwargs)
-    kwargs["num_workers"] = reader_workers(int(kwargs.get("num_workers", 2)))
     try:
         encoder = plugin.encoder(host_workers)
         if kwargs.get("batch_size") is None:
-            kwargs["batch_size"] = 64 if encoder.device.type == "cuda" else 16
+            kwargs["batch_size"] = encoder.default_batch_size
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always", StoreNotice)
             result = embed_slide(
