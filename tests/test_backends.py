@@ -71,7 +71,9 @@ def test_openvino_matches_torch_fp32_tiny_on_real_tiles(tiny_encoder, tiny_ov, r
     assert tiny_ov.compute_precision == want
     # the text tower stays torch: same prompts, same embeddings
     prompts = ["tumor", "normal colon mucosa"]
-    assert np.array_equal(tiny_ov.encode_text(prompts), tiny_encoder.encode_text(prompts))
+    # the text tower stays torch (equal up to torch's thread-dependent float rounding)
+    np.testing.assert_allclose(tiny_ov.encode_text(prompts), tiny_encoder.encode_text(prompts),
+                               atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("size", [256, 200])
@@ -319,13 +321,15 @@ def test_resume_with_another_backend_is_a_notice_and_agrees(tiny_encoder, tiny_o
 
     ref = embed_slide(need(CMU), tmp_path / "ref.zarr", encoder=tiny_encoder, num_workers=0)
     out = tmp_path / "cmu.zarr"
-    calls: list[int] = []  # stop after the first batch (reports: tissue, start, batch 1)
+    calls: list[int] = []  # stop after the first batch (polls: tissue, start, batch 1); the
+    # batch in flight then is written too
     part = embed_slide(CMU, out, encoder=tiny_encoder, batch_size=16, num_workers=0,
                        should_stop=lambda: calls.append(1) or len(calls) >= 3)  # fmt: skip
-    assert not part.complete and EmbeddingStore.open(out).n_done == 16
+    assert not part.complete and EmbeddingStore.open(out).n_done == part.embedded_now
+    assert part.embedded_now in (16, 32)
     with pytest.warns(StoreNotice, match="model.backend: store has 'torch', this run 'openvino'"):
         done = embed_slide(CMU, out, encoder=tiny_ov, batch_size=16, num_workers=0)
-    assert done.complete and done.embedded_now == ref.n_tiles - 16
+    assert done.complete and done.embedded_now == ref.n_tiles - part.embedded_now
     store = EmbeddingStore.open(out)
     model = store.signature["model"]
     assert model["backend"] == "torch" and model["compute_precision"] == "fp32"

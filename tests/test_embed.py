@@ -122,11 +122,11 @@ def test_cancel_keeps_rows_and_resumes(tiny_encoder, tmp_path):
     out = tmp_path / "s.zarr"
     gen = iter_embed_slide(slide, out, encoder=tiny_encoder, batch_size=8)
     for report in gen:
-        if report.stage == "embedding" and report.done >= 24:
+        if report.stage == "embedding" and report.done >= 8:
             break
-    gen.close()  # what napari's Cancel does
+    gen.close()  # what napari's Cancel does: the batches in flight are written too
     partial = EmbeddingStore.open(out)
-    assert 24 <= partial.n_done < partial.n_tiles and not partial.complete
+    assert 8 <= partial.n_done < partial.n_tiles and not partial.complete
     result = embed_slide(slide, out, encoder=tiny_encoder, batch_size=8)
     assert result.complete and result.embedded_now == result.n_tiles - partial.n_done
 
@@ -136,11 +136,11 @@ import sys, time
 import tilescope.store as store
 import tilescope._encoder as enc
 store.FLUSH_SECONDS = 0.2  # flush often so a kill lands between flushes
-slow = enc.Encoder.encode_images
-def encode_images(self, batch):  # slow the tiny model down so the kill lands mid-run
+slow = enc.Encoder.submit_images  # what the pipeline calls
+def submit_images(self, batch):  # slow the tiny model down so the kill lands mid-run
     time.sleep(0.05)
     return slow(self, batch)
-enc.Encoder.encode_images = encode_images
+enc.Encoder.submit_images = submit_images
 from tilescope.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -92,12 +92,15 @@ def _ready(pending: Any) -> bool:
 def embed_batches(
     batches: Generator[Any, None, None], encoder: Any, writer: StoreWriter,
     report: Callable[[int, int, np.ndarray | None, np.ndarray | None], Any],
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[Any, None, tuple[int, list[tuple[int, str]]]]:  # fmt: skip
     """Embed `batches` (a ``copy=False`` tile stream) into `writer`'s store.
 
     After every batch, yields ``report(covered, embedded, indices, embeddings)`` (tiles this
     batch covered, tiles embedded so far, its rows and their embeddings). Returns the number
     of tiles embedded and the tiles that failed to read, as ``(index, message)``.
+    `should_stop`, polled after every report, ends the run early as if the stream had ended:
+    the batches in flight are collected, written and reported first.
     """
     submit = submitter(encoder)
     inflight: deque[tuple[Any, Any]] = deque()
@@ -117,6 +120,8 @@ def embed_batches(
                 writer.put(b.indices, emb)
                 embedded += len(b.indices)
                 yield report(len(b.indices) + len(b.failed), embedded, b.indices, emb)
+            if should_stop is not None and should_stop():
+                break
         while inflight:
             b, emb = _collect(inflight)
             writer.put(b.indices, emb)

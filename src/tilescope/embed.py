@@ -186,11 +186,14 @@ def iter_embed_slide(
     order: Order = None,
     regions: Iterable[Region] | None = None,
     prefetch_batches: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     """Embed one slide, yielding an `EmbedProgress` after every batch; returns `EmbedResult`.
 
-    Closing the generator (``gen.close()``, napari's Cancel) stops after the batches in
-    flight; every row embedded so far is written to the store and a later run resumes from
+    `should_stop` (polled after every batch) ends the run early and still returns its
+    `EmbedResult` (``complete`` False): the batches in flight are written and counted first.
+    Closing the generator (``gen.close()``) stops the same way, without a result. Either way
+    every row embedded so far is written to the store and a later run resumes from
     there. A killed process loses at most the rows of the last ``store.FLUSH_SECONDS`` seconds.
 
     An existing store is resumed from its own tiles when its signature matches (the tissue
@@ -217,6 +220,8 @@ def iter_embed_slide(
         without regions embeds the rest.
     prefetch_batches
         Batches read ahead of the model (None: enough to keep every reader busy).
+    should_stop
+        Polled after every batch; True stops the run early (see above).
     """
     grid = grid or TileGrid()
     t0 = time.perf_counter()
@@ -227,6 +232,10 @@ def iter_embed_slide(
         _ = slide.mpp  # fail early and clearly if mpp is missing
         signature = build_signature(slide, grid, grid.geometry(slide), encoder, tissue=tissue)
         yield EmbedProgress(name, "tissue", 0, 0, 0.0, 0.0)
+        if should_stop is not None and should_stop():  # before the tissue is detected
+            return EmbedResult(store_path=Path(store_path), n_tiles=0, embedded_now=0,
+                               failed=(), seconds=time.perf_counter() - t0, complete=False,
+                               trained_model=bool(encoder.trained))  # fmt: skip
         store = EmbeddingStore.resume_or_create(
             store_path,
             signature=signature,
@@ -247,9 +256,10 @@ def iter_embed_slide(
             name, t0, store, layout, grid, encoder, slide_path, slide_mpp, on_error,
             retry_failed, region_list,
             dict(batch_size=batch_size, num_workers=workers, order=order,
-                 prefetch_batches=prefetch_batches),
+                 prefetch_batches=prefetch_batches), should_stop,
         )  # fmt: skip
-        store.publish()  # a replacement (overwrite) takes the old store's place
+        if result.complete:  # a replacement (overwrite) takes the old store's place once whole
+            store.publish()
         return result
     finally:
         store.close()  # flushes, and lets the next writer in (also on cancel or error)
@@ -276,6 +286,7 @@ def _embed_rows(
     retry_failed: bool,
     regions: list[Region] | None,
     stream_kwargs: dict[str, Any],
+    should_stop: Callable[[], bool] | None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     total = len(layout)
     todo = store.todo_indices(include_failed=retry_failed)
@@ -284,6 +295,8 @@ def _embed_rows(
     state = {"done": total - len(store.todo_indices(include_failed=retry_failed)), "failed": 0}
     t_start = time.perf_counter()
     yield EmbedProgress(name, "embedding", state["done"], total, time.perf_counter() - t0, 0.0)
+    if should_stop is not None and should_stop():  # before the first batch
+        todo = todo[:0]
 
     def report(covered: int, embedded: int, idx: Any, emb: Any) -> EmbedProgress:
         state["done"] += covered
@@ -297,7 +310,7 @@ def _embed_rows(
     )  # fmt: skip
     writer = _pipeline.StoreWriter(store)
     try:
-        run = _pipeline.embed_batches(batches, encoder, writer, report)
+        run = _pipeline.embed_batches(batches, encoder, writer, report, should_stop)
         embedded_now, failures = yield from run
     finally:
         writer.close()  # the rows in its queue are written first, also on cancel
@@ -356,26 +369,15 @@ def embed_slide(
         from .models import DEFAULT_MODEL, load_encoder
 
         encoder = load_encoder(model or DEFAULT_MODEL, device=device, backend=backend)
-    gen = iter_embed_slide(slide_path, store_path, encoder=encoder, regions=regions, **kwargs)
-    first: EmbedProgress | None = None
+    gen = iter_embed_slide(slide_path, store_path, encoder=encoder, regions=regions,
+                           should_stop=should_stop, **kwargs)  # fmt: skip
     try:
         while True:
             report = next(gen)
-            if first is None and report.stage == "embedding":
-                first = report
             if progress is not None:
                 progress(report)
-            if should_stop is not None and report.stage != "done" and should_stop():
-                gen.close()  # the batch in flight is written; the rest waits for a resume
-                before = first.done if first is not None else 0
-                return EmbedResult(
-                    store_path=Path(store_path), n_tiles=report.total,
-                    embedded_now=max(0, report.done - before - report.failed), failed=(),
-                    seconds=report.elapsed, complete=False, trained_model=bool(encoder.trained),
-                )  # fmt: skip
     except StopIteration as stop:
         return stop.value
-
 
 def embed_slides(
     slide_paths: Sequence[str | PathLike[str]],

@@ -261,21 +261,26 @@ class DockContainer(Container):
         inner = scroll.widget()
         inner.layout().addStretch(1)  # rows keep their height; the room left goes below them
 
-        owner = self
-
         class _Watch(QObject):
+            """Keeps what it watches as attributes, not closure cells (pytest clears the
+            frames of failed tests, which empties closure cells still in use)."""
+
+            def __init__(self, scroll: Any, inner: Any, owner: Any) -> None:
+                super().__init__(scroll)
+                self.scroll, self.inner, self.owner = scroll, inner, owner
+
             def eventFilter(self, obj: Any, event: Any) -> bool:
                 from qtpy.QtCore import QEvent, QTimer
 
-                if obj is inner and event.type() == QEvent.Type.LayoutRequest:
+                if obj is self.inner and event.type() == QEvent.Type.LayoutRequest:
                     # the scroll area is as wide as its content needs (never clipped)
-                    bar = scroll.verticalScrollBar().sizeHint().width()
-                    scroll.setMinimumWidth(inner.minimumSizeHint().width() + bar + 2)
-                elif obj is scroll and event.type() == QEvent.Type.ParentChange:
-                    QTimer.singleShot(0, owner._join_tilescope_tabs)  # once napari placed it
+                    bar = self.scroll.verticalScrollBar().sizeHint().width()
+                    self.scroll.setMinimumWidth(self.inner.minimumSizeHint().width() + bar + 2)
+                elif obj is self.scroll and event.type() == QEvent.Type.ParentChange:
+                    QTimer.singleShot(0, self.owner._join_tilescope_tabs)  # once napari placed it
                 return False
 
-        self._dock_filter = _Watch(scroll)
+        self._dock_filter = _Watch(scroll, inner, self)
         inner.installEventFilter(self._dock_filter)
         scroll.installEventFilter(self._dock_filter)
 
