@@ -146,6 +146,7 @@ def test_rescore_updates_in_place_and_keeps_the_users_styling(viewer_cmu):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(encoder, "encode_images", no_image_tower)
+        mp.setattr(encoder, "submit_images", no_image_tower)
         widget._run.native.click()
     assert events == []
     assert {ly.name: ly for ly in viewer.layers} == before  # the same layer objects
