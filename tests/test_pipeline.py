@@ -76,6 +76,36 @@ def test_view_first_embeds_the_nearest_tiles_first(synth_05, tiny_encoder, tmp_p
     assert set(first.indices) <= set(np.flatnonzero(store.done))  # written on cancel
 
 
+def test_a_view_that_moves_while_embedding_reorders_what_is_left(synth_05, tiny_encoder,
+                                                                  tmp_path) -> None:  # fmt: skip
+    """The napari case at the core: view first, then the view moves while the run goes on."""
+    schedule = TileSchedule()
+    left = (300.0, 300.0, 1100.0, 900.0)  # level 0: the first piece of tissue
+    schedule.prioritize_view(left)
+    gen = iter_embed_slide(synth_05.path, tmp_path / "m.zarr", encoder=tiny_encoder,
+                           batch_size=4, order=schedule, num_workers=0)  # fmt: skip
+    first = next(r for r in gen if r.indices is not None)
+    layout = schedule.layout
+    centres = layout.coords + layout.tile_l0 / 2
+    in_left = tiles_overlapping(layout.coords, layout.tile_l0, [(300, 300, 800, 600)])
+    assert set(first.indices) <= set(in_left)
+    right = (2000.0, 900.0, 2600.0, 1500.0)  # the other piece of tissue
+    schedule.prioritize_view(right)
+    in_right = set(tiles_overlapping(layout.coords, layout.tile_l0, [(2000, 900, 600, 600)]))
+    later = []
+    for r in gen:
+        if r.indices is not None:
+            later.append(r.indices)
+        if len(later) == 4:
+            break
+    gen.close()
+    # one batch was in the model when the view moved; after it, the new view's tiles
+    assert set(np.concatenate(later[1:]).tolist()) <= in_right
+    assert len(in_right) >= 12
+    dist = np.hypot(*(centres[np.concatenate(later[1:])] - (2300.0, 1200.0)).T)
+    assert dist.max() < 600  # nearest the new view's centre first
+
+
 def test_a_writer_error_reaches_the_caller(synth_05, tiny_encoder, tmp_path, monkeypatch):
     def full_disk(self, indices, embeddings):
         raise StoreError(f"{self.path}: could not write embeddings (No space left on device)")

@@ -9,7 +9,7 @@ import pytest
 
 from tilescope.errors import TilescopeError
 from tilescope.grid import TileGrid
-from tilescope.schedule import TileSchedule
+from tilescope.schedule import TileSchedule, view_keys
 from tilescope.slide import Slide
 from tilescope.tiles import stream_tiles
 from tilescope.tissue import tissue_mask
@@ -75,6 +75,42 @@ def test_partial_take_leaves_the_rest_of_the_block() -> None:
     np.testing.assert_array_equal(s.take(3), [9])  # the same block first: it is still best
 
 
+def test_a_block_across_the_view_edge_waits_with_its_tiles_outside() -> None:
+    """View first: the tiles in the view come before the rest of the blocks they share."""
+    lay = _Layout(8, 8)  # tiles of 100 px, blocks of 4 x 4 tiles
+    s = TileSchedule()
+    s.prioritize_view((250, 250, 550, 550))  # tiles (2..5, 2..5): across all four blocks
+    s.bind(lay, np.arange(len(lay)), lay.groups(4))
+    view = {r * 8 + c for r in range(2, 6) for c in range(2, 6)}
+    got = _drain(s, 16)
+    first = np.concatenate(got)[:16]
+    assert set(first.tolist()) == view, "a tile outside the view came before the view's"
+    keys = [np.hypot(*(lay.coords[t] + 50 - 400.0)) for t in first]
+    assert np.all(np.diff(np.floor(np.array(keys) / 100)) >= 0)  # nearest the centre first
+    rest = np.concatenate(got)[16:]
+    ring = np.maximum(np.abs(lay.coords[rest] + 50 - 400.0).max(axis=1) - 150, 0)
+    assert np.all(np.diff(np.floor((ring / 100 - 0.5) / 2)) >= 0)  # then outward, in rings
+    np.testing.assert_array_equal(np.sort(np.concatenate(got)), np.arange(len(lay)))
+    # the view moves: what is left is ordered for the new view
+    s2 = TileSchedule()
+    s2.prioritize_view((250, 250, 550, 550))
+    s2.bind(lay, np.arange(len(lay)), lay.groups(4))
+    s2.take(16)
+    s2.prioritize_view((600, 600, 800, 800))  # the bottom-right corner: tiles 54, 55, 62, 63
+    np.testing.assert_array_equal(np.sort(s2.take(16)[:4]), [54, 55, 62, 63])  # in key order
+    with pytest.raises(TilescopeError, match="finite"):
+        s2.prioritize_view((0, 0, np.nan, 5))
+
+
+def test_view_keys_in_view_then_rings_outward() -> None:
+    centres = np.array([[500, 500], [650, 500], [740, 500], [500, 900], [2000, 500]], float)
+    keys = view_keys(centres, (300, 300, 700, 700), 100.0)
+    assert keys[0] == 0 and keys[1] == 1  # the centre, then one tile out
+    assert keys[2] < keys[3] < keys[4]  # half a tile past the edge is still in view
+    assert keys[2] == 2  # in the view: rings around the centre
+    assert keys[3] > keys[1] + 2  # past the view's own keys
+
+
 def test_restrict_and_lift() -> None:
     lay = _Layout()
     s = TileSchedule()
@@ -118,14 +154,19 @@ def test_keys_before_binding_and_errors() -> None:
     assert not s.bound and s.n_remaining == 0
     s.bind(lay, np.arange(len(lay)), lay.groups())
     assert s.bound and s.wait_bound(0)
-    np.testing.assert_array_equal(s.take(4), [47, 46, 39, 38])
+    # strictly by key across blocks: the last block gives 47, 46 (keys 0, 1), then the block to
+    # its left has the next key (45: 2)
+    assert [s.take(4).tolist() for _ in range(3)] == [[47, 46], [45, 44], [43, 42]]
     with pytest.raises(TilescopeError, match="one value per tile"):
         s.prioritize(np.zeros(3))
     with pytest.raises(TilescopeError, match="already bound"):
         s.bind(lay, np.arange(len(lay)), lay.groups())
     nan_last = TileSchedule(keys=np.where(np.arange(len(lay)) < 40, np.nan, 0.0))
     nan_last.bind(lay, np.arange(len(lay)), lay.groups())
-    np.testing.assert_array_equal(nan_last.take(4), [40, 41, 32, 33])  # NaN keys go last
+    np.testing.assert_array_equal(nan_last.take(4), [40, 41])  # NaN keys go last: 32, 33
+    got = [nan_last.take(4).tolist() for _ in range(4)]  # they wait for every 0 key
+    # the last block's 38, 39 come with its 46, 47: no other block is better than them
+    assert got == [[42, 43], [44, 45], [46, 47, 38, 39], [0, 1, 8, 9]]
 
 
 def test_concurrent_reprioritising_hands_out_every_tile_once() -> None:

@@ -213,7 +213,10 @@ def iter_embed_slide(
     order
         None (grid order), tile indices (those, in that order), or a
         `~tilescope.schedule.TileSchedule` that is bound to the store's missing rows here and
-        may be re-ordered or restricted while the run goes on (view first).
+        may be re-ordered or restricted from any thread while the run goes on (view first:
+        ``schedule.prioritize_view(box)`` whenever the view moves). A new order takes effect
+        after the tiles already handed to the readers: at most `prefetch_batches` batches
+        read ahead, plus the batches in the model.
     regions
         Embed only the tiles that overlap these level-0 regions (boxes ``(x, y, w, h)``
         and/or shapely polygons). The store stays partial (``complete`` False) until a run

@@ -1,12 +1,15 @@
 """`TileSchedule`: the order in which a stream reads tiles, changeable while it runs.
 
 A schedule holds the tiles still to read, grouped in *blocks* (neighbouring tiles that the
-readers fetch with one read; `tilescope.tiles` decides the blocks). Readers take whole blocks,
-best first; a block's priority is the best (lowest) key among its remaining tiles. Any thread
-may, at any time:
+readers fetch with one read; `tilescope.tiles` decides the blocks). Tiles are handed out best
+(lowest key) first, a block at a time: the best block's tiles go together, in key order, as
+long as none of them is worse than the best tile of another block (a block that straddles the
+edge of the view gives its tiles in the view now and the rest when their turn comes). Any
+thread may, at any time:
 
-- `prioritize` with one float key per tile (lower is sooner; e.g. the distance to the centre
-  of the napari view): what has not been handed to a reader yet is re-ordered;
+- `prioritize` with one float key per tile (lower is sooner), or `prioritize_view` with the
+  napari view (tiles in the view first, nearest its centre first, then outward) or
+  `prioritize_near` a point: what has not been handed to a reader yet is re-ordered;
 - `restrict` to some tiles, or `restrict_to_regions` (a drawn region, the current view), or
   lift the restriction;
 - ask what `remaining` tiles have not been handed out.
@@ -24,6 +27,8 @@ Examples
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,6 +101,17 @@ class TileSchedule:
         px, py = float(point[0]), float(point[1])
         self.prioritize(lambda c: np.hypot(c[:, 0] - px, c[:, 1] - py))
 
+    def prioritize_view(self, box: tuple[float, float, float, float]) -> None:
+        """View first: the tiles that overlap `box` (level-0 ``(x0, y0, x1, y1)``, e.g. the
+        napari view) first, nearest its centre first, then outward in rings around it
+        (`view_keys`). Usable before the schedule is bound; call it again when the view moves.
+        """
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise TilescopeError(f"view box {box!r}: four finite level-0 coordinates")
+        view = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        self.prioritize(lambda c: view_keys(c, view, _step(self.layout)))
+
     def restrict(self, indices: Sequence[int] | np.ndarray | None) -> None:
         """Read only these tiles from now on (None: every tile again). Tiles already handed
         out are not taken back."""
@@ -131,6 +147,21 @@ class TileSchedule:
         with self._lock:
             return int(self._pending().sum()) if self.bound else 0
 
+    @property
+    def n_allowed(self) -> int:
+        """Tiles this stream reads in all (handed out and remaining) under the restriction in
+        force (0 before the schedule is bound)."""
+        with self._lock:
+            return int((self._allowed | self._taken).sum()) if self.bound else 0
+
+    def handed_out(self) -> np.ndarray:
+        """Sorted indices of the tiles handed to a reader so far (being read or embedded, or
+        done)."""
+        with self._lock:
+            if not self.bound:
+                return np.zeros(0, np.int64)
+            return np.sort(self._todo[self._taken])
+
     # -- the stream's side --------------------------------------------------------------------
     def bind(self, layout: Any, todo: np.ndarray, groups: np.ndarray) -> None:
         """Attach to `layout`: read `todo` (sorted indices, intersected with the schedule's
@@ -160,20 +191,23 @@ class TileSchedule:
             self._reorder()
 
     def take(self, max_tiles: int) -> np.ndarray | None:
-        """Hand out up to `max_tiles` tiles of the best block (best keys first within it);
-        None when no allowed tile is left."""
+        """Hand out up to `max_tiles` tiles of the best block, best keys first, and only those
+        no worse than the best tile of the next block; None when no allowed tile is left."""
         with self._lock:
-            while self._cursor < len(self._order):
-                b = int(self._order[self._cursor])
+            heap = self._heap
+            while heap:
+                _, first, b = heapq.heappop(heap)
                 a, z = self._starts[b], self._starts[b + 1]
                 free = np.flatnonzero(~self._taken[a:z] & self._allowed[a:z]) + a
                 if not len(free):
-                    self._cursor += 1
                     continue
-                pick = free[np.lexsort((self._todo[free], self._key[free]))][:max_tiles]
+                free = free[np.lexsort((self._todo[free], self._key[free]))]
+                limit = heap[0][0] if heap else np.inf  # the next block's best key
+                n = max(1, int(np.searchsorted(self._key[free], limit, side="right")))
+                pick = free[: min(n, max_tiles)]
                 self._taken[pick] = True
-                if len(pick) == len(free):
-                    self._cursor += 1
+                if len(pick) < len(free):  # the rest waits for its turn
+                    heapq.heappush(heap, (float(self._key[free[len(pick)]]), first, b))
                 return self._todo[pick]
             return None
 
@@ -212,19 +246,47 @@ class TileSchedule:
         return np.where(np.isnan(key), np.inf, key)
 
     def _reorder(self) -> None:
-        """Blocks with a pending tile, by their best pending key (ties: first tile index)."""
+        """A heap of the blocks with a pending tile: (best pending key, first tile, block)."""
         pend = self._pending()
         n_blocks = len(self._starts) - 1
         if not n_blocks:
-            self._order, self._cursor = np.zeros(0, np.int64), 0
+            self._heap: list[tuple[float, int, int]] = []
             return
         key = np.where(pend, self._key, np.inf)
         best = np.minimum.reduceat(key, self._starts[:-1])
         live = np.add.reduceat(pend.astype(np.int64), self._starts[:-1]) > 0
         blocks = np.flatnonzero(live)
         first = self._todo[self._starts[:-1]][blocks]
-        self._order = blocks[np.lexsort((first, best[blocks]))]
-        self._cursor = 0
+        self._heap = list(zip(best[blocks].tolist(), first.tolist(), blocks.tolist(),
+                              strict=True))  # fmt: skip
+        heapq.heapify(self._heap)
+
+
+def view_keys(centres: np.ndarray, box: tuple[float, float, float, float],
+              step: float) -> np.ndarray:  # fmt: skip
+    """Keys (lower is sooner) that put the tiles of a view first, then the rest outward.
+
+    `centres` are tile centres (N, 2) and `box` the view ``(x0, y0, x1, y1)``, level-0 px;
+    `step` is the tile stride. A tile overlaps the view when its centre is less than half a
+    tile outside `box`: those come first, in rings one tile wide around the view's centre
+    (key = whole tiles from the centre). The others follow in rectangular rings two tiles wide
+    around the view, nearest first, so what lies just off screen on any side comes next.
+    """
+    c = np.asarray(centres, np.float64).reshape(-1, 2)
+    x0, y0, x1, y1 = box
+    step = max(float(step), 1e-9)
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    dx, dy = np.abs(c[:, 0] - cx), np.abs(c[:, 1] - cy)
+    out = np.maximum(np.maximum(dx - hw, dy - hh), 0.0) / step  # tiles outside the view
+    inside = out < 0.5
+    first = np.floor(np.hypot(dx, dy) / step)
+    offset = math.ceil(math.hypot(hw, hh) / step) + 2.0  # past every tile of the view
+    return np.where(inside, first, offset + np.floor((out - 0.5) / 2.0))
+
+
+def _step(layout: Any) -> float:
+    """A layout's tile stride in level-0 px (its tile size without overlap)."""
+    return float(getattr(layout, "stride_l0", None) or layout.tile_l0)
 
 
 def _as_indices(indices: Sequence[int] | np.ndarray) -> np.ndarray:
