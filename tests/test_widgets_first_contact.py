@@ -144,7 +144,9 @@ def test_progress_bar_reaches_its_total_and_no_bar_is_left(make_napari_viewer, q
         qtbot.waitUntil(lambda: embed._run.enabled, timeout=120_000)
         final = embed._status.value
         n = EmbeddingStore.open(embed.last_result.store_path).n_tiles
-        assert len(values) > 1 and values[-1] == (n, n), values  # the activity panel saw it
+        # the activity panel saw it (a value set while the bar's own callback processes Qt
+        # events can be recorded after the later one it let in: compare the highest)
+        assert len(values) > 1 and max(values) == (n, n), values
         assert final.startswith(f"{n} tiles in p.zarr (complete)")
 
         embed._run.native.click()  # the same store again: reused, nothing to embed

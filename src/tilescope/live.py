@@ -19,7 +19,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ from .score import ATTENTION_TEMPERATURE, PatchScores, PoolResult, PromptSet, po
 from .score import text_matrix as _text_matrix
 from .search import similarity
 
-__all__ = ["LiveScores", "LiveSimilarity", "coverage_text"]
+__all__ = ["LiveScores", "LiveSimilarity", "RowsOverlay", "coverage_text"]
 
 
 def coverage_text(n_done: int, n_tiles: int, complete: bool | None = None) -> str:
@@ -40,6 +40,34 @@ def coverage_text(n_done: int, n_tiles: int, complete: bool | None = None) -> st
     """
     whole = complete if complete is not None else n_done >= n_tiles
     return "" if whole else f"partial: {n_done:,} of {n_tiles:,} tiles"
+
+
+class RowsOverlay:
+    """A store as it is on disk with rows that are not there yet folded in.
+
+    A store being embedded stages its rows in memory and writes them every few seconds, so
+    another reader lags behind the rows a run has reported. ``done`` and ``embeddings`` here
+    include `batches` (``(indices, embeddings)`` pairs, e.g. the reports of the running
+    embedding); everything else (``coords``, ``tile_l0``, ``signature`` ...) is the store's.
+    """
+
+    def __init__(self, store: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+        self._store = store
+        done = np.asarray(store.done, bool)
+        emb = np.asarray(store.embeddings)
+        if batches:
+            done, emb = done.copy(), np.array(emb, np.float32)
+            for idx, rows in batches:
+                emb[np.asarray(idx, np.int64)] = rows
+                done[np.asarray(idx, np.int64)] = True
+        self.done, self.embeddings = done, emb
+
+    @property
+    def n_done(self) -> int:
+        return int(self.done.sum())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 class LiveScores:

@@ -154,6 +154,11 @@ class TileSchedule:
         with self._lock:
             return int((self._allowed | self._taken).sum()) if self.bound else 0
 
+    def todo(self) -> np.ndarray:
+        """Sorted indices of every tile the stream was bound to read (restricted or not)."""
+        with self._lock:
+            return np.sort(self._todo) if self.bound else np.zeros(0, np.int64)
+
     def handed_out(self) -> np.ndarray:
         """Sorted indices of the tiles handed to a reader so far (being read or embedded, or
         done)."""

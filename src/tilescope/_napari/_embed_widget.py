@@ -1,4 +1,10 @@
-"""The *Embed slide* widget: tile, embed and store a slide in a worker thread, with a Cancel."""
+"""The *Embed slide* widget: tile, embed and store a slide in a worker thread, with a Cancel.
+
+View first (`_viewfirst`): the tiles on screen are embedded first, nearest the view's centre
+first, then outward, and the order follows the camera while the run goes on; or only this view,
+or only drawn regions. Each batch is published to the live results hub (`_live.HUB`), so the
+Prompt heatmap and Region search widgets fill in as the tiles land.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from ..catalog import default_store_dir, store_path_for
 from ..embed import EmbedProgress, EmbedResult, iter_embed_slide
 from ..errors import MissingMppError, ModelError
 from ..grid import TileGrid
+from ..schedule import TileSchedule
 from ._common import (
     BACKEND_CHOICES,
     DEVICE_CHOICES,
@@ -33,9 +40,17 @@ from ._common import (
     start_worker,
     untrained_suffix,
 )
+from ._embed_modes import EmbedModes, duration
+from ._live import HUB, RunEvent, Throttle
 from ._messages import StatusLabel, compact_combo, notify_info, report_error
 from ._slides import no_slide_error, set_slide_mpp, slide_choices, slide_layers, watch_viewer
 from ._stores import remember_folder, stores_changed
+from ._viewfirst import (
+    MODES,
+    WHOLE,
+    Coverage,
+    ViewTracker,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -65,21 +80,31 @@ class EmbedRequest:
     slide_mpp: float | None
     overwrite: bool
     backend: str = "auto"
+    mode: str = WHOLE
+    view: tuple[float, float, float, float] | None = None  # level-0 box: embedded first
+    regions: tuple[Any, ...] | None = None  # shapely polygons (level 0): only these
 
 
 @dataclass
 class EmbedRun:
-    """One press of *Embed slide*: its cancel flag, stage and progress bar. Reports of a run
-    that has finished (or of an earlier run) are ignored."""
+    """One press of *Embed slide*: its cancel flag, stage, progress bar, tile order (follows
+    the camera) and coverage layer. Reports of a run that has finished (or of an earlier run)
+    are ignored."""
 
     request: EmbedRequest
     cancel: threading.Event = field(default_factory=threading.Event)
     stage: str = "model"
     finished: bool = False
     bar: RunProgress = field(default_factory=lambda: RunProgress("Embedding"))
+    schedule: TileSchedule = field(default_factory=TileSchedule)
+    tracker: ViewTracker | None = None
+    coverage: Coverage | None = None
+    redraw: Throttle | None = None
+    started: bool = False  # the store exists and the hub knows the run
+    start_done: int = -1  # tiles done when the embedding began
 
 
-class EmbedWidget(DockContainer):
+class EmbedWidget(EmbedModes, DockContainer):
     """Embed the chosen slide layer with BiomedCLIP (or another model) into a zarr store.
 
     An existing store for this slide and these settings is reused: only missing tiles are
@@ -116,26 +141,43 @@ class EmbedWidget(DockContainer):
         )
         self._out_dir.tooltip = "Folder of the embedding stores (the other widgets look there)"
         self._overwrite = CheckBox(text="overwrite a store made with other settings")
+        self._mode = ComboBox(label="embed", choices=MODES, value=WHOLE)
+        self._mode.tooltip = (
+            "whole slide, view first: the tiles on screen first (nearest the centre first), "
+            "then outward; the order follows the view as you pan. this view only: the tiles on "
+            "screen now. drawn regions only: the tiles under the shapes of the regions layer"
+        )
+        self._regions = ComboBox(label="regions", choices=self._shape_choices)
+        compact_combo(self._regions, 10)
+        self._regions.tooltip = "A shapes layer over the slide: only the tiles under its shapes"
+        self._draw_regions = PushButton(text="Draw regions")
+        regions = row(self._regions, self._draw_regions, labels=True)
+        regions.label, self._regions.label, self._draw_regions.label = "regions", "", ""
+        self._regions_row = regions
         self._run = PushButton(text="Embed slide")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._status = StatusLabel()
         self.extend(
             [self._slide, self._model, self._mpp, self._tile, self._overlap, self._slide_mpp,
-             self._device, self._backend, self._out_dir, self._overwrite,
-             row(self._run, self._cancel), self._status]
+             self._device, self._backend, self._out_dir, self._overwrite, self._mode,
+             regions, row(self._run, self._cancel), self._status]
         )  # fmt: skip
+        self._mode.changed.connect(self._sync_mode)
+        self._draw_regions.changed.connect(self.draw_regions)
         self._run.changed.connect(self._on_run)
         self._cancel.changed.connect(self._on_cancel)
         self._slide.changed.connect(self._on_slide)
         self._slide_mpp.changed.connect(self._on_slide_mpp)
         self._out_dir.changed.connect(lambda v: remember_folder(v) if str(v) else None)
-        viewer.layers.events.inserted.connect(self._slide.reset_choices)
-        viewer.layers.events.removed.connect(self._slide.reset_choices)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            event.connect(self._slide.reset_choices)
+            event.connect(self._regions.reset_choices)
         self._worker: Any = None
         self._active: EmbedRun | None = None
         self.synchronous = False  # run the button inline (tests)
         self.last_result: EmbedResult | None = None
         self._on_slide()
+        self._sync_mode()
 
     # -- the slide's pixel size ----------------------------------------------------------------
     def _on_slide(self, _: Any = None) -> None:
@@ -181,6 +223,7 @@ class EmbedWidget(DockContainer):
             slide_mpp=slide_mpp,
             overwrite=bool(self._overwrite.value),
             backend=str(self._backend.value),
+            **self._where(layer),
         )
 
     def job(self, run: EmbedRun) -> Generator[Any, None, EmbedResult | None]:
@@ -194,16 +237,14 @@ class EmbedWidget(DockContainer):
         gen = iter_embed_slide(
             req.slide_path, req.store_path, encoder=encoder, grid=req.grid,
             slide_mpp=req.slide_mpp, overwrite=req.overwrite,
-            batch_size=encoder.default_batch_size,
+            batch_size=encoder.default_batch_size, order=run.schedule,
+            should_stop=run.cancel.is_set,  # the batches in flight are still reported
         )  # fmt: skip
         try:
             while True:
-                report = next(gen)  # tissue detection runs inside the second next()
-                yield report
-                if run.cancel.is_set():
-                    return None
+                yield next(gen)  # tissue detection runs inside the second next()
         except StopIteration as stop:
-            return stop.value
+            return None if run.cancel.is_set() else stop.value
         finally:
             gen.close()
 
@@ -217,6 +258,7 @@ class EmbedWidget(DockContainer):
         remember_folder(req.store_path.parent)
         run = self._active = EmbedRun(req)
         run.bar = RunProgress(f"Embedding {req.slide_path.name}")
+        self._view_first(run)
         self._set_running(True)
         self._status.value = f"loading the model {req.model} ..."
         self._worker = start_worker(
@@ -238,28 +280,47 @@ class EmbedWidget(DockContainer):
         if run.finished or run is not self._active:
             return  # a late report: the final status stays
         run.stage = "tissue" if p.stage == "tissue" else "embedding"
+        if p.stage == "embedding":
+            self._publish(run, p)  # also after Cancel: the batches in flight still land
         if run.cancel.is_set():
             return  # "cancelling ..." stays until the run stops
         if p.stage == "tissue":
             self._status.value = f"{p.slide}: finding tissue ..."
             return
+        goal = self._goal(run, p)
         rate = f", {p.rate:.1f} tiles/s" if p.rate > 0 else ""
-        eta = f", ETA {p.eta:.0f} s" if p.eta is not None and p.done < p.total else ""
-        self._status.value = f"{p.done}/{p.total} tiles{rate}{eta}"
-        run.bar.update(p.done, p.total)  # may process Qt events: the run may end in there
+        left = goal - p.done
+        eta = f", ETA {duration(left / p.rate)}" if p.rate > 0 and left > 0 else ""
+        where = "" if run.request.mode == WHOLE or p.total == goal else (
+            f" ({run.request.mode}: {goal - run.start_done} to embed)")  # fmt: skip
+        self._status.value = f"{p.done}/{p.total} tiles{where}{rate}{eta}"
+        run.bar.update(p.done, goal)  # may process Qt events: the run may end in there
 
-    def _finish(self, run: EmbedRun) -> bool:
+    def _finish(self, run: EmbedRun, complete: bool = False) -> bool:
         """Mark `run` finished; False if it already was (or is not the current run)."""
         if run.finished:
             return False
         run.finished = True
         run.bar.close()
+        if run.tracker is not None:
+            run.tracker.close()
+        if run.redraw is not None:
+            run.redraw.cancel()
+        if run.coverage is not None:
+            if complete:  # the whole slide is embedded: nothing left to show
+                run.coverage.remove()
+            else:
+                run.coverage.draw(running=False)
+        if run.started:
+            req = run.request
+            HUB.publish(RunEvent("ended", str(req.slide_path), req.store_path,
+                                 complete=complete))  # fmt: skip
         if run is self._active:
             self._set_running(False)
         return run is self._active
 
     def _on_done(self, run: EmbedRun, result: EmbedResult | None) -> None:
-        if not self._finish(run):
+        if not self._finish(run, complete=result is not None and result.complete):
             return
         if result is None:
             self._status.value = "cancelled; tiles done so far are kept, Embed again resumes"
@@ -288,3 +349,4 @@ class EmbedWidget(DockContainer):
     def _set_running(self, running: bool) -> None:
         self._run.enabled = not running
         self._cancel.enabled = running
+
