@@ -193,7 +193,7 @@ def build_query(
 
 
 def query_from_regions(
-    store: EmbeddingStore,
+    store: Any,
     positive_shapes: Iterable[ArrayLike],
     negative_shapes: Iterable[ArrayLike] = (),
     neg_weight: float = NEG_WEIGHT,
@@ -201,6 +201,9 @@ def query_from_regions(
     empty_message: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The query of a store's regions: ``(query, positive rows, negative rows)``.
+
+    `store` is an `EmbeddingStore`, or anything with its ``done``, ``coords``, ``tile_l0``
+    and ``embeddings`` (`tilescope.live.RowsOverlay`: a store being embedded).
 
     Only embedded tiles count (``store.done``): a tile whose read failed, or that an
     interrupted run has not reached, is in neither set. The shapes are level-0 polygons as in

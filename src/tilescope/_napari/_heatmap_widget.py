@@ -6,15 +6,19 @@ winning-class labels layer, the attention weights (attention pooling) and a slid
 Layers carry the slide's name and are updated in place, so re-scoring keeps the user's
 opacity, colormap, visibility and contrast, and results of another slide stay as they are.
 
-`heatmap_layers` builds the layers from scores alone (no model, no store reading): a live view
-(heatmaps that fill in while a slide is being embedded) calls it again with new rows.
+`heatmap_layers` (in `_heatmap_layers`) builds the layers from scores alone. Live: once
+scored, the prompts stay in force while the slide is embedded; each new batch is scored as it
+lands and the layers, label and table are redrawn at most once a second. A store that is not
+whole (or not there yet) is a normal state: tiles not embedded are clear and the label says
+"partial: n of N tiles".
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -31,11 +35,11 @@ from magicgui.widgets import (
     TextEdit,
 )
 
-from ..figures import ColorScale
-from ..raster import TileGeometry, heatmap
-from ..score import PatchScores, PoolResult, PromptSet, save_scores, score_store
+from ..errors import StoreError
+from ..live import LiveScores, RowsOverlay
+from ..raster import TileGeometry
+from ..score import PromptSet, save_scores
 from ._common import (
-    UNTRAINED_TAG,
     DockContainer,
     encoder_for_store,
     open_store,
@@ -44,17 +48,15 @@ from ._common import (
     swatch,
     untrained_suffix,
 )
+from ._heatmap_layers import ROLE, HeatmapRequest, HeatmapResult, build_result
 from ._layers import (
-    LayerData,
     SlideFrame,
-    heatmap_layer,
     label_colors,
-    labels_layer,
     put_layers,
-    result_name,
 )
+from ._live import HUB, LiveFollower
 from ._messages import StatusLabel, compact_combo, notify_warning, report_error, wrapping
-from ._slides import no_slide_error, slide_choices, watch_viewer
+from ._slides import no_slide_error, slide_choices, slide_layers, watch_viewer
 from ._stores import StorePicker
 
 if TYPE_CHECKING:
@@ -68,81 +70,12 @@ DEFAULT_PROMPTS = (
 )
 DEFAULT_TEMPLATES = "an H&E image of {}"
 POOLING_CHOICES = ["attention", "topk", "mean"]
-ROLE = "prompt-heatmap"
+#: What the widget says when the slide has no embedded tile yet.
+WAITING = ("nothing embedded yet: the heatmaps fill in as 'Embed slide' embeds its tiles "
+           "(those in view first)")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class HeatmapRequest:
-    """Everything `PromptHeatmapWidget.compute` needs, read from the widget on the main thread."""
-
-    store_path: Path
-    frame: SlideFrame
-    prompts: str
-    templates: list[str]
-    pooling: str = "attention"
-    k: int = 50
-    temperature: float = 0.05
-    smooth: float = 0.0
-    save_as: str | None = None
-
-
-@dataclass
-class HeatmapResult:
-    """Layers to add and the slide-level call, ready for `PromptHeatmapWidget.apply`."""
-
-    request: HeatmapRequest
-    classes: list[str]
-    pooled: PoolResult
-    tiles_won: dict[str, int]
-    layers: list[LayerData]
-    trained: bool
-    model_label: str
-    n_scored: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-
-def heatmap_layers(
-    scores: PatchScores,
-    pooled: PoolResult,
-    geometry: TileGeometry,
-    done: np.ndarray,
-    frame: SlideFrame,
-    *,
-    trained: bool,
-    smooth: float = 0.0,
-    meta: dict[str, Any] | None = None,
-) -> list[LayerData]:
-    """One probability heatmap per class (fixed 0-1 scale; the slide label's shown, with its
-    colour bar), the winning class (labels), and the attention weights of the slide label's
-    class (attention pooling). Tiles not in `done` are NaN (clear)."""
-    tag = "" if trained else UNTRAINED_TAG
-    meta = frame.meta(ROLE, **(meta or {}))
-    classes = list(scores.classes)
-    layers: list[LayerData] = []
-    raw = []
-    for c, name in enumerate(classes):
-        raw.append(heatmap(scores.probs[:, c], geometry))
-        hm = heatmap(scores.probs[:, c], geometry, smooth_sigma=smooth) if smooth else raw[-1]
-        shown = name == pooled.label
-        layers.append(
-            heatmap_layer(hm, frame, result_name(f"p({name})", frame, tag),
-                          ColorScale.probability(), visible=shown, colorbar=shown,
-                          metadata={**meta, "class": name})
-        )  # fmt: skip
-    win = result_name("winning class", frame, tag)
-    layers.append(labels_layer(raw, classes, frame, win, metadata=meta))
-    if pooled.attention is not None:
-        att = np.where(done, pooled.attention[:, classes.index(pooled.label)], np.nan)
-        hm = heatmap(att, geometry)
-        scale = ColorScale.stretched(hm.raster, "attention weight", "viridis")
-        name = result_name(f"attention ({pooled.label})", frame, tag)
-        layers.append(heatmap_layer(hm, frame, name, scale, visible=False,
-                                    metadata={**meta, "class": pooled.label}))  # fmt: skip
-    return layers
-
-
-class PromptHeatmapWidget(DockContainer):
+class PromptHeatmapWidget(LiveFollower, DockContainer):
     """Zero-shot heatmaps of typed classes over an embedded slide, with a slide-level label.
 
     One class per line, ``name: prompt; another prompt``; every prompt is put in every template
@@ -220,6 +153,7 @@ class PromptHeatmapWidget(DockContainer):
         self.last_result: HeatmapResult | None = None
         self._store.set_slide(self._slide.value)
         self._sync_enabled()
+        self._live_init()
 
     def _sync_enabled(self, _: Any = None) -> None:
         self._k.enabled = self._pooling.value == "topk"
@@ -232,9 +166,10 @@ class PromptHeatmapWidget(DockContainer):
             raise no_slide_error(self._viewer)
         self._store.set_slide(layer)
         templates = [t.strip() for t in str(self._templates.value).split(";") if t.strip()]
+        frame = SlideFrame.of_layer(layer)
         return HeatmapRequest(
-            store_path=self._store.require(),
-            frame=SlideFrame.of_layer(layer),
+            store_path=self._store.value or HUB.active(slide=frame.path),  # None: not yet
+            frame=frame,
             prompts=str(self._prompts.value),
             templates=templates or ["{}"],
             pooling=str(self._pooling.value),
@@ -244,48 +179,51 @@ class PromptHeatmapWidget(DockContainer):
             save_as=(str(self._save_name.value).strip() or None) if self._save.value else None,
         )
 
-    def compute(self, req: HeatmapRequest) -> HeatmapResult:
-        """Encode the prompts, score the stored patches, pool, rasterise (no Qt; any thread)."""
+    def compute(self, req: HeatmapRequest,
+                extra: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> HeatmapResult:  # fmt: skip
+        """Encode the prompts, score the stored patches (and the `extra` rows a running
+        embedding has reported but maybe not written yet), pool, rasterise (no Qt)."""
         t0 = time.perf_counter()
+        if req.store_path is None:
+            raise StoreError(f"{req.frame.label}: no store to score yet")
         store = open_store(req.store_path)
         encoder = encoder_for_store(store)
-        method = cast(Literal["mean", "topk", "attention"], req.pooling)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             prompts = PromptSet.parse(req.prompts, templates=req.templates)
             # rows of tiles not embedded are NaN and left out of the pooling
-            scores, pooled = score_store(
-                store, prompts, encoder.encode_text, encoder.logit_scale,
-                method=method, k=req.k, temperature=req.temperature,
-            )  # fmt: skip
+            live = LiveScores.from_store(RowsOverlay(store, extra), prompts, encoder.encode_text,
+                                         encoder.logit_scale)  # fmt: skip
         notes = [str(w.message) for w in caught]
-        done = store.done
-        layers = heatmap_layers(scores, pooled, TileGeometry.from_store(store), done, req.frame,
-                                trained=bool(encoder.trained), smooth=req.smooth,
-                                meta={"store": str(store.path)})  # fmt: skip
-        classes = prompts.class_names
-        winners = np.argmax(scores.probs[done], axis=1)
-        won = {name: int(np.sum(winners == c)) for c, name in enumerate(classes)}
         if req.save_as:
             if store.complete:
-                save_scores(store, req.save_as, scores, prompts, meta={
+                pooled = live.pool(cast(Literal["mean", "topk", "attention"], req.pooling),
+                                   k=req.k, temperature=req.temperature)  # fmt: skip
+                save_scores(store, req.save_as, live.scores, prompts, meta={
                     "pooling": req.pooling, "slide_label": pooled.label,
                     "slide_scores": pooled.scores,
                 })  # fmt: skip
             else:
                 notes.append("scores not saved: the store is incomplete (finish embedding)")
-        return HeatmapResult(
-            req, classes, pooled, won, layers, bool(encoder.trained), encoder.label,
-            int(done.sum()), time.perf_counter() - t0, notes,
-        )  # fmt: skip
+        return build_result(req, live, TileGeometry.from_store(store),
+                            trained=bool(encoder.trained), model_label=encoder.label,
+                            complete=store.complete, seconds=time.perf_counter() - t0,
+                            notes=notes)  # fmt: skip
 
-    def apply(self, result: HeatmapResult) -> list[Any]:
-        """Add or update the layers and show the slide-level call (main thread)."""
+    def apply(self, result: HeatmapResult, live: bool = False) -> list[Any]:
+        """Add or update the layers and show the slide-level call (main thread); `live`: a
+        redraw while the slide is embedded."""
         frame = result.request.frame
-        added = put_layers(self._viewer, result.layers, ROLE, frame.path)
         p = result.pooled
+        if p is None:  # nothing embedded yet: the heatmaps come with the first tiles
+            self._status.value = f"{frame.label}: {WAITING}"
+            self.last_result = result
+            return []
+        added = put_layers(self._viewer, result.layers, ROLE, frame.path)
         note = untrained_suffix(result.trained)
-        self._slide_label.value = f"<b>Slide label: {p.label}</b> ({p.method} pooling){note}"
+        part = f" · {result.coverage}" if result.coverage else ""
+        self._slide_label.value = (
+            f"<b>Slide label: {p.label}</b> ({p.method} pooling){part}{note}")  # fmt: skip
         self._table.value = {
             "data": [[f"{p.scores[c]:.3f}", result.tiles_won[c]] for c in result.classes],
             "index": result.classes,
@@ -299,10 +237,14 @@ class PromptHeatmapWidget(DockContainer):
             "<b>winning class</b>: the colours in the table."
         )
         saved = f"; saved as scores/{result.request.save_as}" if result.request.save_as else ""
-        self._status.value = (
-            f"{frame.label}: {result.n_scored} tiles, {len(result.classes)} classes in "
-            f"{result.seconds:.2f} s with {result.model_label}{saved}"
-        )
+        if live:
+            self._status.value = (f"{frame.label}: {result.n_scored} tiles scored so far (live, "
+                                  "as they are embedded)")  # fmt: skip
+        else:
+            self._status.value = (
+                f"{frame.label}: {result.n_scored} tiles, {len(result.classes)} classes in "
+                f"{result.seconds:.2f} s with {result.model_label}{saved}"
+            )
         for note in result.notes:
             notify_warning(note)
         self.last_result = result
@@ -326,13 +268,51 @@ class PromptHeatmapWidget(DockContainer):
         except Exception as exc:
             self._on_error(exc)
             return
+        self._live_req = req  # these prompts stay in force while the slide is embedded
+        if req.store_path is None:  # scored as soon as the first tiles are embedded
+            self._live_ready(None, None)
+            self._status.value = f"{req.frame.label}: {WAITING}"
+            return
+        self._start(req)
+
+    def _start(self, req: HeatmapRequest) -> None:
+        extra = self._live_computing(req.store_path)
         self._busy = True  # one run at a time: presses meanwhile re-run once it finishes
         self._run.enabled = False
         self._status.value = "scoring ..."
         start_worker(
-            self.compute, req, returned=self.apply, errored=self._on_error,
+            self.compute, req, extra, returned=self._on_result, errored=self._on_failed,
             finished=self._on_finished, sync=self.synchronous,
         )  # fmt: skip
+
+    def _on_result(self, result: HeatmapResult) -> None:
+        self.apply(result)
+        self._live_ready(result.live, result.request.store_path)
+
+    def _on_failed(self, exc: BaseException) -> None:
+        self._live_failed()
+        self._on_error(exc)
+
+    def _live_start(self, store: Path) -> None:
+        """The first tiles of a slide scored before it had a store: score them now."""
+        if not self._busy and self._live_req is not None:
+            self._live_req = replace(self._live_req, store_path=store)
+            self._start(self._live_req)
+
+    def _refresh_live(self) -> None:
+        """Redraw the layers, label and table from the scores so far (GUI thread)."""
+        live, req, last = self._live_obj, self._live_req, self.last_result
+        if live is None or req is None or last is None or last.geometry is None or self._busy:
+            return
+        layer = next((ly for ly in slide_layers(self._viewer)
+                      if ly.metadata["tilescope"]["path"] == req.frame.path), None)  # fmt: skip
+        if layer is None:
+            return  # the slide was closed
+        req = replace(req, frame=SlideFrame.of_layer(layer), store_path=self._live_store,
+                      save_as=None)  # fmt: skip
+        result = build_result(req, live, last.geometry, trained=last.trained,
+                              model_label=last.model_label, complete=self._live_complete)
+        self.apply(result, live=True)
 
     def _on_error(self, exc: BaseException) -> None:
         report_error(self._status, exc)

@@ -152,3 +152,87 @@ class Throttle:
         self.pending = False
         if self._timer is not None:
             self._timer.stop()
+
+
+class LiveFollower:
+    """Mixin of a result widget whose last result stays in force while its slide is embedded.
+
+    A widget that has never been run follows nothing. Once run (``_live_req`` set by its
+    button), the batches embedded for the same slide (and the same store, once it has one)
+    are folded into ``_live_obj`` (a `tilescope.live.LiveScores` or ``LiveSimilarity``) and
+    the widget redraws at most once a second (`Throttle`). Rows that arrive while the widget
+    computes a full result are kept (``_backlog``) and folded in when it is ready. The widget
+    implements ``_live_start(store)`` (compute from a store, e.g. the first rows of a run) and
+    ``_refresh_live()`` (redraw from ``_live_obj``).
+    """
+
+    _live_req: Any
+    _live_obj: Any
+    _live_store: Path | None
+    _backlog: list[tuple[np.ndarray, np.ndarray]] | None
+    _live_complete: bool | None
+
+    def _live_init(self) -> None:
+        self._live_req = None
+        self._live_obj = None
+        self._live_store = None
+        self._backlog = None
+        self._live_complete: bool | None = None  # the store's flag once a run ended
+        self._refresh = Throttle(self._refresh_live)
+        HUB.subscribe(self._on_run_event)
+
+    def _live_start(self, store: Path) -> None:  # pragma: no cover - implemented by widgets
+        raise NotImplementedError
+
+    def _refresh_live(self) -> None:  # pragma: no cover - implemented by widgets
+        raise NotImplementedError
+
+    def _follows(self, event: RunEvent) -> bool:
+        req = self._live_req
+        if req is None or _key(event.slide) != _key(req.frame.path):
+            return False
+        return self._live_store is None or _key(event.store) == _key(self._live_store)
+
+    def _on_run_event(self, event: RunEvent) -> None:
+        if not self._follows(event):
+            return
+        if event.kind == "rows" and event.indices is not None:
+            if self._backlog is not None:  # a full result is being computed: keep them
+                self._backlog.append((event.indices, np.asarray(event.embeddings)))
+            elif self._live_obj is None:
+                self._live_start(event.store)
+            else:
+                self._live_obj.add(event.indices, event.embeddings)
+                self._refresh.poke()
+        elif event.kind == "started":
+            self._live_complete = None
+        elif event.kind == "ended":
+            self._live_complete = event.complete
+            if self._live_obj is not None:
+                self._refresh.poke()
+            self._refresh.flush()
+
+    def _live_computing(self, store: Path | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A full result of `store` starts: keep the rows that arrive meanwhile; returns the
+        rows of a run writing it that the store may not hold yet."""
+        self._backlog = []
+        self._live_store = store
+        return HUB.rows(store) if store is not None else []
+
+    def _live_ready(self, obj: Any, store: Path | None) -> None:
+        """The full result is in: follow from it (fold in the rows that came meanwhile)."""
+        backlog, self._backlog = self._backlog or [], None
+        self._live_obj, self._live_store = obj, store
+        if obj is None:
+            return
+        for idx, emb in backlog:
+            obj.add(idx, emb)
+        if backlog:
+            self._refresh.poke()
+
+    def _live_failed(self) -> None:
+        """The full result failed: follow nothing until the widget is run again."""
+        self._backlog = None
+        self._live_obj = None
+        self._live_req = None
+        self._refresh.cancel()

@@ -12,8 +12,8 @@ slide opens that slide and goes there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,20 +30,12 @@ from magicgui.widgets import (
 )
 
 from ..errors import SearchError
-from ..figures import ColorScale
-from ..raster import TileGeometry, heatmap
-from ..search import Match, query_from_regions, similarity_map, top_k
-from ._common import UNTRAINED_TAG, DockContainer, camera_of, open_store, row, start_worker
-from ._layers import (
-    LayerData,
-    SlideFrame,
-    heatmap_layer,
-    matches_layer,
-    put_layers,
-    result_name,
-    shapes_to_world_polygons,
-)
+from ..search import Match
+from ._common import DockContainer, camera_of, row, start_worker
+from ._layers import SlideFrame, put_layers, shapes_to_world_polygons
+from ._live import HUB, LiveFollower
 from ._messages import StatusLabel, compact_combo, report_error, wrapping
+from ._search_layers import ROLE, SearchRequest, SearchResult, search_result, search_store
 from ._search_other import FOLDER_ROLE, OtherSlides, fit_columns
 from ._slides import (
     no_slide_error,
@@ -58,41 +50,14 @@ if TYPE_CHECKING:
 
 QUERY_LAYER = "Tilescope query"
 NEGATIVE_LAYER = "Tilescope not like this"
-ROLE = "region-search"
+#: What the widget says while the tiles under the query are not embedded yet.
+WAITING = ("waiting for the tiles under the query to be embedded ('Embed slide': those in view "
+           "come first)")  # fmt: skip
 #: Keys that step through the matches (free in napari's default key bindings).
 NEXT_KEY, PREVIOUS_KEY = ".", ","
 
 
-@dataclass(frozen=True)
-class SearchRequest:
-    """Drawn regions as level-0 (x, y) polygons and the search options."""
-
-    store_path: Path
-    frame: SlideFrame
-    positive: list[np.ndarray]
-    negative: list[np.ndarray] = field(default_factory=list)
-    neg_weight: float = 1.0
-    k: int = 10
-    exclude_query: bool = True
-
-
-@dataclass
-class SearchResult:
-    """The query, the ranked matches (best first) and the layers that show them."""
-
-    request: SearchRequest
-    query: np.ndarray
-    query_idx: np.ndarray
-    match_idx: np.ndarray
-    match_sim: np.ndarray
-    centres: np.ndarray  # (k, 2) world (row, col) of each match's centre
-    tile_world: float  # tile side in world units
-    model: dict[str, Any]
-    layers: list[LayerData]
-    legend: str = ""
-
-
-class RegionSearchWidget(OtherSlides, DockContainer):
+class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
     """Find tiles that look like drawn regions, on this slide and across a folder of stores.
 
     Parts: ``_slide``, ``_store`` (store picker), ``_positive`` / ``_negative`` (shapes
@@ -185,6 +150,8 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         if slide_layers(viewer):
             self.query_layer()
         self._step_enabled()
+        self._searching = False
+        self._live_init()
 
     def _shape_choices(self, _: Any = None) -> list[tuple[str, Any]]:
         from napari.layers import Shapes
@@ -229,8 +196,8 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         if layer is None:
             raise no_slide_error(self._viewer)
         self._store.set_slide(layer)
-        store_path = self._store.require()
         frame = SlideFrame.of_layer(layer)
+        store_path = self._store.value or HUB.active(slide=frame.path)  # None: not yet
         pos_layer = self._positive.value or self.query_layer()
         worlds = shapes_to_world_polygons(pos_layer)
         positive = [frame.world_to_l0(p) for p in worlds]
@@ -260,49 +227,28 @@ class RegionSearchWidget(OtherSlides, DockContainer):
                 raise SearchError(f"the query region lies on {other.name}, not on {layer.name}: "
                                   "choose that slide in 'slide'")  # fmt: skip
 
-    def compute(self, req: SearchRequest) -> SearchResult:
+    def compute(self, req: SearchRequest,
+                extra: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> SearchResult:  # fmt: skip
         """Tiles under the shapes -> query -> similarity of every tile -> top matches."""
-        store = open_store(req.store_path)
-        query, pos, _ = query_from_regions(store, req.positive, req.negative, req.neg_weight)
-        sim = similarity_map(store, query)
-        skip = ~store.done
-        if req.exclude_query:
-            skip[pos] = True
-        top = top_k(sim, req.k, exclude=skip)
-        model = store.signature["model"]
-        tag = "" if model.get("trained", True) else UNTRAINED_TAG
-        meta = req.frame.meta(ROLE, store=str(store.path))
-        xy = store.coords[top]
-        features = {
-            "rank": np.arange(1, len(top) + 1),
-            "similarity": sim[top].astype(np.float64),
-            "slide": [store.slide_name] * len(top),
-            "x": xy[:, 0].astype(np.int64) if len(top) else np.zeros(0, np.int64),
-            "y": xy[:, 1].astype(np.int64) if len(top) else np.zeros(0, np.int64),
-        }
-        hm = heatmap(sim, TileGeometry.from_store(store))
-        scale = ColorScale.stretched(hm.raster)
-        f = req.frame
-        layers = [
-            heatmap_layer(hm, f, result_name("similarity", f, tag), scale, colorbar=True,
-                          metadata=meta),
-            matches_layer(xy, store.tile_l0, f, features, result_name("matches", f, tag),
-                          metadata=meta),
-        ]  # fmt: skip
-        centres = f.tile_centres(xy, store.tile_l0)
-        tile_world = store.tile_l0 * float(np.mean(np.abs(np.linalg.eigvals(f.matrix[:2, :2]))))
-        return SearchResult(req, query, pos, top, sim[top], centres, tile_world, model, layers,
-                            scale.legend())  # fmt: skip
+        return search_store(req, extra)
 
-    def apply(self, result: SearchResult) -> list[Any]:
-        """Add or update the similarity and matches layers; go to the best match."""
+    def apply(self, result: SearchResult, live: bool = False) -> list[Any]:
+        """Add or update the similarity and matches layers; go to the best match (a `live`
+        redraw while the slide is embedded keeps the camera and the current match)."""
         added = put_layers(self._viewer, result.layers, ROLE, result.request.frame.path)
         self.last_result = result
-        self.current = -1
         n = len(result.match_idx)
+        part = f"; {result.coverage}" if result.coverage else ""
         self._status.value = (f"{result.request.frame.label}: query of {len(result.query_idx)} "
-                              f"tiles, {n} matches")  # fmt: skip
+                              f"tiles, {n} matches{part}")  # fmt: skip
         self._legend.value = f"<b>similarity</b>: {result.legend}"
+        if live:
+            self.current = min(self.current, n - 1)
+            if self.current >= 0:
+                self._highlight(self.current)
+            self._step_enabled()
+            return added
+        self.current = -1
         self._step_enabled()
         if n:
             self.show_match(0)
@@ -319,6 +265,14 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         camera_of(self._viewer).center = tuple(float(v) for v in res.centres[i])
         if self._zoom.value:
             self._zoom_to_tile()
+        self._highlight(i)
+        self._step_enabled()
+
+    def _highlight(self, i: int) -> None:
+        """Match `i` in magenta on the matches layer, described under the buttons."""
+        res = self.last_result
+        if res is None or not 0 <= i < len(res.match_idx):
+            return
         name = res.layers[1][1]["name"]
         if name in self._viewer.layers:
             layer = self._viewer.layers[name]
@@ -330,7 +284,6 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         self._match.tooltip = (
             f"similarity {f['similarity'][i]:.4f}, tile at level-0 x={f['x'][i]}, y={f['y'][i]} px"
         )
-        self._step_enabled()
 
     def step(self, delta: int) -> None:
         self.show_match(self.current + delta)
@@ -363,12 +316,59 @@ class RegionSearchWidget(OtherSlides, DockContainer):
         except Exception as exc:
             self._on_error(exc)
             return
+        self._live_req = req  # the query stays in force while the slide is embedded
+        self._live_ready(None, None)
+        if req.store_path is None:  # searched once the tiles under it are embedded
+            self._status.value = f"{req.frame.label}: {WAITING}"
+            return
+        self._start(req)
+
+    def _start(self, req: SearchRequest) -> None:
+        extra = self._live_computing(req.store_path)
+        self._searching = True
         self._status.value = "searching ..."
         self._search.enabled = False
         start_worker(
-            self.compute, req, returned=self.apply, errored=self._on_error,
-            finished=lambda: setattr(self._search, "enabled", True), sync=self.synchronous,
+            self.compute, req, extra, returned=self._on_result, errored=self._on_failed,
+            finished=self._on_finished, sync=self.synchronous,
         )  # fmt: skip
+
+    def _on_result(self, result: SearchResult) -> None:
+        self.apply(result)
+        self._live_ready(result.live, result.request.store_path)
+
+    def _on_failed(self, exc: BaseException) -> None:
+        req = self._live_req
+        if req is not None and isinstance(exc, SearchError) and HUB.active(store=req.store_path):
+            # the tiles under the query are not embedded yet: try again with the next ones
+            self._backlog = None
+            self._status.value = f"{req.frame.label}: {WAITING}"
+            return
+        self._live_failed()
+        self._on_error(exc)
+
+    def _on_finished(self) -> None:
+        self._searching = False
+        self._search.enabled = True
+
+    def _live_start(self, store: Any) -> None:
+        """Rows of a running embedding and no similarity map yet: search now."""
+        if not self._searching and self._live_req is not None:
+            self._live_req = replace(self._live_req, store_path=store)
+            self._start(self._live_req)
+
+    def _refresh_live(self) -> None:
+        """Redraw the similarity map and the matches from the similarities so far."""
+        live, req, last = self._live_obj, self._live_req, self.last_result
+        if live is None or req is None or last is None or last.facts is None or self._searching:
+            return
+        layer = next((ly for ly in slide_layers(self._viewer)
+                      if ly.metadata["tilescope"]["path"] == req.frame.path), None)  # fmt: skip
+        if layer is None:
+            return
+        req = replace(req, frame=SlideFrame.of_layer(layer), store_path=self._live_store)
+        self.apply(search_result(req, live, last.facts, last.query_idx, self._live_complete),
+                   live=True)  # fmt: skip
 
     def _on_error(self, exc: BaseException) -> None:
         report_error(self._status, exc)
