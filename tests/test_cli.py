@@ -431,8 +431,13 @@ def test_partial_stores_report_n_done_of_n(embedded, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert (data["n_done"], data["n_tiles"], data["complete"]) == (30, n, False)
     assert data["n_not_embedded"] == n - 30
+    assert data["partial"] is True and data["coverage"] == f"partial: 30 of {n} tiles"
+    assert main(["score", str(store), *SCORE, "--json"]) == 0  # the whole store
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["partial"] is False and whole["coverage"] == ""
     assert main(["score", str(half), *SCORE]) == 0
     out = capsys.readouterr().out
+    assert f"[partial: 30 of {n} tiles]  (attention pooling" in out  # on the label's line
     assert f"pooling over 30 of {n} tiles ({n - 30} not embedded yet)" in out
     assert "the store is partial" in out
     meta = EmbeddingStore.open(half).read_scores("partial")[1]

@@ -39,6 +39,7 @@ def check_classes(items: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._store_scores import check_score_name
+    from ..live import coverage_text
     from ..models import load_encoder_for_store
     from ..score import PromptSet, save_scores, score_store
     from ..store import EmbeddingStore
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.save is not None:
         save_scores(store, args.save, scores, prompts, {"pooling": args.pooling})
+    coverage = coverage_text(store.n_done, store.n_tiles, store.complete)
     if args.json:
         print(
             json.dumps(
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
                     "n_failed": store.n_failed,
                     "n_not_embedded": store.n_todo,
                     "complete": store.complete,
+                    "partial": bool(coverage),
+                    "coverage": coverage,  # "partial: n of N tiles", or "" when whole
                     "saved_as": args.save,
                 },
                 indent=2,
@@ -102,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
                 f"NOTE: the store is partial ({store.state_text()}); the label pools the "
                 "embedded tiles only: run `tilescope embed` again to finish it"
             )
-        print(f"slide label: {pooled.label}  ({pooled.method} pooling over {state_text(store)})")
+        flag = f" [{coverage}]" if coverage else ""
+        print(f"slide label: {pooled.label}{flag}  ({pooled.method} pooling over "
+              f"{state_text(store)})")  # fmt: skip
         for name, value in sorted(pooled.scores.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<24} {value:.4f}")
         if args.save is not None:
