@@ -194,6 +194,7 @@ def test_live_heatmap_and_similarity_fill_in_and_keep_the_users_styling(setup, q
     gate.release(10_000)
     qtbot.waitUntil(lambda: embed._run.enabled, timeout=120_000)
     qtbot.waitUntil(lambda: "partial" not in heat._slide_label.value, timeout=10_000)
+    assert "so far" not in heat._status.value and "slide done" in heat._status.value
     store = EmbeddingStore.open(embed.last_result.store_path)
     assert int(np.isfinite(layer.data).sum()) == store.n_tiles  # no overlap: a cell a tile
     assert layer.opacity == pytest.approx(0.33) and layer.colormap.name == "viridis"

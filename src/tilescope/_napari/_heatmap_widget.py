@@ -237,9 +237,12 @@ class PromptHeatmapWidget(LiveFollower, DockContainer):
             "<b>winning class</b>: the colours in the table."
         )
         saved = f"; saved as scores/{result.request.save_as}" if result.request.save_as else ""
-        if live:
+        if live and self._live_complete is None:  # the run is still going
             self._status.value = (f"{frame.label}: {result.n_scored} tiles scored so far (live, "
                                   "as they are embedded)")  # fmt: skip
+        elif live:
+            ended = f"embedding stopped, {result.coverage}" if result.coverage else "slide done"
+            self._status.value = f"{frame.label}: {result.n_scored} tiles scored ({ended})"
         else:
             self._status.value = (
                 f"{frame.label}: {result.n_scored} tiles, {len(result.classes)} classes in "
