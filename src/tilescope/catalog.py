@@ -85,7 +85,18 @@ def find_stores(folder: str | PathLike[str], *, recursive: bool = False) -> list
     root = Path(folder)
     if not root.is_dir():
         return []
-    found: list[Path] = []
+    return [path for path, _ in walk_stores(root, recursive=recursive)[0]]
+
+
+def walk_stores(
+    root: Path, *, recursive: bool = True, skip: Iterable[str] = ()
+) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """The stores under `root` with their signatures, and the ``*.zarr`` folders that are not
+    stores (exports), both sorted by path. Hidden folders, folders named in `skip` and the
+    inside of any ``*.zarr`` folder are not searched; unreadable folders are passed over."""
+    skipped = set(skip)
+    stores: list[tuple[Path, dict[str, Any]]] = []
+    others: list[Path] = []
     stack = [root]
     while stack:
         here = stack.pop()
@@ -94,13 +105,16 @@ def find_stores(folder: str | PathLike[str], *, recursive: bool = False) -> list
         except OSError:
             continue
         for entry in entries:
-            if not entry.is_dir() or entry.name.startswith("."):
+            if not entry.is_dir() or entry.name.startswith(".") or entry.name in skipped:
                 continue
-            if read_signature(entry) is not None:
-                found.append(entry)
-            elif recursive and entry.suffix != ".zarr":
+            sig = read_signature(entry)
+            if sig is not None:
+                stores.append((entry, sig))
+            elif entry.suffix == ".zarr":
+                others.append(entry)
+            elif recursive:
                 stack.append(entry)
-    return sorted(found)
+    return sorted(stores, key=lambda s: s[0]), sorted(others)
 
 
 def stores_for_slide(

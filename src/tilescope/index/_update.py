@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _fsops
-from ..catalog import read_signature
+from ..catalog import walk_stores
 from ..errors import IndexCorruptError
 from . import _ann
 from ._append import Hooks, Source, append, index_blocks, open_sources
@@ -52,26 +52,9 @@ class Found:
 def discover(folder: Path) -> tuple[list[Found], list[Path]]:
     """Embedding stores under `folder` (sub-folders too; not inside a store, not the index
     folder, not hidden ones), and the ``*.zarr`` folders that are not stores (exports)."""
-    stores: list[Found] = []
-    others: list[Path] = []
-    stack = [folder]
-    while stack:
-        here = stack.pop()
-        try:
-            entries = sorted(here.iterdir())
-        except OSError:
-            continue
-        for e in entries:
-            if e.name.startswith(".") or e.name == INDEX_DIRNAME or not e.is_dir():
-                continue  # an index folder (this folder's, or a sub-folder's) holds no store
-            sig = read_signature(e)
-            if sig is not None:
-                stores.append(Found(e.relative_to(folder).as_posix(), e, sig))
-            elif e.suffix == ".zarr":
-                others.append(e)
-            else:
-                stack.append(e)
-    return sorted(stores, key=lambda f: f.rel), sorted(others)
+    found, others = walk_stores(folder, skip=(INDEX_DIRNAME,))
+    stores = [Found(path.relative_to(folder).as_posix(), path, sig) for path, sig in found]
+    return sorted(stores, key=lambda f: f.rel), others
 
 
 @dataclass
