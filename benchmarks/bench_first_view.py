@@ -35,8 +35,12 @@ loaded before anything is timed, on the faster of torch and OpenVINO measured he
   and the heatmap redraws live; ``--steps`` steps of a tenth of the canvas across the tissue and
   back. The order follows the camera meanwhile, as it does for a user.
 - ``tiles_per_s``: the embedding rate over ``--rate-seconds`` with nobody panning, after the
-  pans; ``whole_slide_seconds`` = seconds until the store existed (tissue detection) + all
-  tissue tiles / ``tiles_per_s`` (an estimate: the run is cancelled after the measurements).
+  pans (the heatmap and coverage layers still redraw once a second; where this process's CPU
+  went meanwhile, in cores by thread name: ``cores_by_thread_while_rate_measured``: the GUI
+  thread, ``llvmpipe`` (software OpenGL), the model's threads...; the reader process is not
+  in it). ``whole_slide_seconds`` =
+  seconds until the store existed (tissue detection) + all tissue tiles / ``tiles_per_s`` (an
+  estimate: the run is cancelled after the measurements).
 - ``open_seconds``: opening the 100,000 x 100,000 px slide of `bench_view` as napari layers
   (its reader + ``add_image``), median of ``--reps``, with the widgets docked.
 
@@ -226,6 +230,7 @@ def to_first_view(ctx: dict[str, Any], out_dir: Path, *, view_first: bool,
     finally:
         _embed_modes.view_box_l0 = real
     run = embed._active
+    pump(lambda: run.schedule.bound, timeout, "tile order")  # bound once the readers start
     layout = run.schedule.layout
     tiles = view_tiles(layout, view_box_l0(viewer, slide))
     cover = Cover(viewer, slide, layout, tiles, run.request.store_path)
@@ -291,6 +296,29 @@ def grid_order_position(path: Path, layout: Any, tiles: np.ndarray, batch: int) 
         n += len(got)
         need -= set(got.tolist())
     return n
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads so far, summed by thread name
+    (Linux ``/proc``; {} elsewhere); the main thread (napari's GUI) apart."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip().rstrip("0123456789:-_ ")
+            name = "GUI (main thread)" if task.name == str(os.getpid()) else name
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name or "?"] = out.get(name or "?", 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_shares(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """CPU used per thread name between two `thread_cpu` readings, in cores (1.0 = one core
+    busy the whole time), largest first."""
+    used = {k: (after[k] - before.get(k, 0.0)) / wall for k in after}
+    return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
 
 def steady_rate(events: Events, t_from: float) -> float:
@@ -376,8 +404,9 @@ def main() -> None:
     there = bench_view.pan_frame_times(viewer, start, stop, args.steps, layer=slide)
     back = bench_view.pan_frame_times(viewer, stop, start, args.steps, layer=slide)
     frames = np.concatenate([there["frame"], back["frame"]])
-    t_rate = time.perf_counter()
+    t_rate, cpu0 = time.perf_counter(), thread_cpu()
     pump(lambda: time.perf_counter() - t_rate > args.rate_seconds, args.rate_seconds + 10, "")
+    cpu = cpu_shares(cpu0, thread_cpu(), time.perf_counter() - t_rate)
     rate = steady_rate(first["events"], t_rate)
     rate_all = steady_rate(first["events"], first["t0"])
     cancel(embed)
@@ -423,6 +452,7 @@ def main() -> None:
         "tiles_per_s": round(rate, 2),
         "tiles_per_s_whole_run": round(rate_all, 2),
         "tiles_embedded_in_run": embedded,
+        "cores_by_thread_while_rate_measured": cpu,
         "first_view": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in first.items()
                        if k in ("seconds_to_store", "seconds_to_first_rows",
                                 "seconds_view_rows_reported", "tiles_embedded",
