@@ -94,6 +94,7 @@ def build_encoder(backend: str, rounds: int, quick: bool) -> tuple[Any, dict[str
             print(f"bench_first_view: OpenVINO unavailable ({exc}); torch", file=sys.stderr)
     if backend != "auto":
         enc.set_image_backend(images[backend])
+        enc.encode_images(np.zeros((enc.default_batch_size, 224, 224, 3), np.uint8))  # warm
         return enc, {"chosen_by": "--backend"}
     rates: dict[str, list[float]] = {name: [] for name in images}
     rng = np.random.default_rng(0)
