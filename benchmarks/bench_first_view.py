@@ -160,6 +160,14 @@ def choose_view(viewer: Any, slide: Any, layout: Any, centre_um: tuple[float, fl
     return best[1]
 
 
+def quiet(slide: Any, timeout: float = 30.0) -> None:
+    """Wait until the slide layer's pyramid has read ahead what it queued for the view (its
+    prefetch must not compete with the run being timed)."""
+    pyramid = slide.data[0].pyramid
+    pump(lambda: not pyramid._pf_queue, timeout, "end of the view's prefetch")
+    time.sleep(0.5)  # the chunk being decoded when the queue emptied
+
+
 def view_tiles(layout: Any, box: tuple[float, float, float, float]) -> np.ndarray:
     """Tiles of `layout` overlapping the level-0 view `box` (what view first puts first)."""
     from tilescope.regions import tiles_overlapping
@@ -395,6 +403,7 @@ def main() -> None:
     zoom = choose_view(viewer, slide, layout, (b.cy, b.cx), args.view_tiles)
     bench_view.draw_frame(viewer)
     bench_view.wait_loaded(slide)
+    quiet(slide)
     canvas = [int(v) for v in viewer.canvas.size]
     ctx = {"viewer": viewer, "slide": slide, "embed": embed, "heat": heat}
 
@@ -422,6 +431,7 @@ def main() -> None:
         hide_coverage(viewer)
         viewer.scene.camera.center, viewer.scene.camera.zoom = start, zoom
         bench_view.draw_frame(viewer)
+        quiet(slide)
         grid = to_first_view(ctx, work / "stores-grid", view_first=False, timeout=args.timeout)
         cancel(embed)
         baseline.update(method="measured", seconds=grid["seconds"],
