@@ -201,10 +201,6 @@ class Cover:
         layers = self.layers()
         return bool(layers) and all(self._finite(ly).all() for ly in layers)
 
-    def n_finite(self) -> int:
-        layers = self.layers()
-        return int(self._finite(layers[0]).sum()) if layers else 0
-
     def _finite(self, layer: Any) -> np.ndarray:
         if id(layer) not in self._cells:
             rc = np.round([np.asarray(layer.world_to_data(w), float)[-2:] for w in self.world])
