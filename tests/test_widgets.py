@@ -477,3 +477,20 @@ def test_every_widget_lists_the_slide_layers(make_napari_viewer):
     for widget in widgets:
         assert [c.name for c in widget._slide.choices] == [layer.name]
     assert_fits(viewer)
+
+
+def test_a_dock_filter_cleared_by_the_garbage_collector_ignores_qt_events(make_napari_viewer):
+    """A widget made but never docked is a reference cycle (widget -> its dock filter ->
+    widget); Python's collector clears the filter's attributes while Qt, which owns it, can
+    still deliver the scroll area's last events to it: those must be ignored, not raise (an
+    exception in Qt's event loop; test_embed_widget_backend_choice failed at teardown)."""
+    from qtpy.QtCore import QEvent
+
+    viewer = make_napari_viewer()
+    widget = EmbedWidget(viewer)
+    scroll, watch = widget.native, widget._dock_filter
+    inner = scroll.widget()
+    watch.__dict__.clear()  # what the collector's tp_clear does to the cycle
+    # as Qt calls it (called directly: an exception inside Qt's dispatch aborts the process)
+    assert watch.eventFilter(inner, QEvent(QEvent.Type.LayoutRequest)) is False
+    assert watch.eventFilter(scroll, QEvent(QEvent.Type.ParentChange)) is False

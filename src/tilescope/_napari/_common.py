@@ -272,6 +272,10 @@ class DockContainer(Container):
             def eventFilter(self, obj: Any, event: Any) -> bool:
                 from qtpy.QtCore import QEvent, QTimer
 
+                if "owner" not in self.__dict__:
+                    # Python's garbage collector cleared this filter (a cycle through the
+                    # widget) while Qt, which owns it, still delivers the dock's last events
+                    return False
                 if obj is self.inner and event.type() == QEvent.Type.LayoutRequest:
                     # the scroll area is as wide as its content needs (never clipped)
                     bar = self.scroll.verticalScrollBar().sizeHint().width()
