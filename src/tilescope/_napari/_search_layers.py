@@ -14,7 +14,7 @@ import numpy as np
 from ..figures import ColorScale
 from ..live import LiveSimilarity, RowsOverlay, coverage_text
 from ..raster import TileGeometry, heatmap
-from ..search import query_from_regions, top_k
+from ..search import NEG_WEIGHT, query_from_regions, top_k
 from ._common import UNTRAINED_TAG, open_store
 from ._layers import LayerData, SlideFrame, heatmap_layer, matches_layer, result_name
 
@@ -29,7 +29,7 @@ class SearchRequest:
     frame: SlideFrame
     positive: list[np.ndarray]
     negative: list[np.ndarray] = field(default_factory=list)
-    neg_weight: float = 1.0
+    neg_weight: float = NEG_WEIGHT
     k: int = 10
     exclude_query: bool = True
 

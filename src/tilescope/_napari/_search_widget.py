@@ -30,7 +30,7 @@ from magicgui.widgets import (
 )
 
 from ..errors import SearchError
-from ..search import Match
+from ..search import NEG_WEIGHT, Match
 from ._common import DockContainer, camera_of, row, start_worker
 from ._layers import SlideFrame, put_layers, shapes_to_world_polygons
 from ._live import HUB, LiveFollower
@@ -81,8 +81,12 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
             compact_combo(combo, 10)
         self._draw = PushButton(text="Draw 'like this'")
         self._draw_negative = PushButton(text="Draw 'not like this'")
-        self._neg_weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=5.0, step=0.1)
-        self._neg_weight.tooltip = "How strongly 'not like this' pushes the query away"
+        self._neg_weight = FloatSpinBox(label="weight", value=NEG_WEIGHT, min=0.0, max=5.0,
+                                        step=0.05)  # fmt: skip
+        self._neg_weight.tooltip = (
+            f"How strongly 'not like this' pushes the query away ({NEG_WEIGHT}: Rocchio's usual "
+            "weight; 1 lets near-duplicate tissue cancel the query)"
+        )
         self._k = SpinBox(label="matches", value=10, min=1, max=1000)
         self._exclude = CheckBox(text="leave query tiles out", value=True)
         self._exclude.tooltip = "Do not list the tiles of the query region among the matches"
