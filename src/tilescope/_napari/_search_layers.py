@@ -23,12 +23,13 @@ ROLE = "region-search"
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Drawn regions as level-0 (x, y) polygons and the search options."""
+    """Drawn regions as level-0 (x, y) polygons (or shapely regions with holes, from QuPath
+    annotations) and the search options."""
 
     store_path: Path | None  # None: the slide has no store yet (searched once it has)
     frame: SlideFrame
-    positive: list[np.ndarray]
-    negative: list[np.ndarray] = field(default_factory=list)
+    positive: list[Any]
+    negative: list[Any] = field(default_factory=list)
     neg_weight: float = NEG_WEIGHT
     k: int = 10
     exclude_query: bool = True
