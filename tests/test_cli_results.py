@@ -18,6 +18,7 @@ from synthetic_stores import ORIGIN, TILE, full_grid, grid_store, unit_rows
 from tilescope.cli import main
 from tilescope.qupath import read_geojson
 from tilescope.store import EmbeddingStore
+from tilescope.synthetic import Blob, SyntheticSlide
 
 D = 16
 
@@ -105,3 +106,96 @@ def test_search_geojson_must_be_named_geojson(store, tmp_path, capsys):
             str(tmp_path / "m.txt")]  # fmt: skip
     assert main(argv) == 1
     assert "--geojson" in capsys.readouterr().err and not (tmp_path / "m.txt").exists()
+
+
+# -- saved score sets drawn: score --scores NAME --png -----------------------------------------
+@pytest.fixture(scope="module")
+def slide_store(tmp_path_factory):
+    """A synthetic slide covered with tissue (8 x 6 tiles of 224 px), embedded with the tiny
+    untrained model."""
+    root = tmp_path_factory.mktemp("saved")
+    spec = SyntheticSlide(8 * 224, 6 * 224, mpp=0.5, n_levels=2,
+                          blobs=(Blob(448.0, 336.0, 1200.0, 1000.0),))  # fmt: skip
+    slide = spec.write(root / "s.tif")
+    assert main(["embed", str(slide), "-o", str(root / "stores"), "--model", "tiny-random"]) == 0
+    return slide, root / "stores" / "s.zarr"
+
+
+def annotations(path, regions: dict) -> str:
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+              "properties": {"objectType": "annotation",
+                             "classification": {"name": cls, "color": [200, 0, 0]}}}
+             for cls, rings in regions.items() for ring in rings]  # fmt: skip
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return str(path)
+
+
+def ring(x0, y0, x1, y1):
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_score_draws_a_classifiers_saved_scores(slide_store, tmp_path, capsys):
+    slide, store = slide_store
+    ann = annotations(tmp_path / "a.geojson", {"left": [ring(0, 0, 448, 1344)],
+                                                "right": [ring(1344, 0, 1792, 1344)]})
+    assert main(["classify", str(store), "--train", ann, "--save", "tissue"]) == 0
+    capsys.readouterr()
+    png = tmp_path / "tissue.png"
+    argv = ["score", str(store), "--scores", "tissue", "--png", str(png), "--slide", str(slide),
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    data = json_out(capsys)
+    st = EmbeddingStore.open(store)
+    probs = st.read_scores("tissue")[0]["probs"]
+    won = np.bincount(np.argmax(probs, 1), minlength=2)
+    assert data["kind"] == "classifier" and data["classes"] == ["left", "right"]
+    assert data["tiles_won"] == {"left": int(won[0]), "right": int(won[1])}
+    assert data["shown"] == ("left" if won[0] >= won[1] else "right")
+    assert data["quantity"] == "probability" and data["partial"] is False
+    assert data["trained_model"] is False and png.exists()
+    assert main(["score", str(store), "--scores", "nope"]) == 1
+    assert "tissue" in capsys.readouterr().err  # the saved sets are named
+
+
+def test_score_png_of_a_saved_set_draws_its_values_where_the_tiles_are(
+    slide_store, tmp_path, capsys
+):
+    """P(east) rises from 0 at the left edge to 1 at the right: the PNG is dark on the left,
+    bright on the right (inferno, fixed 0-1 scale), whichever class is the default."""
+    from PIL import Image
+
+    slide, store = slide_store
+    st = EmbeddingStore.open(store)
+    east = (st.coords[:, 0] / st.coords[:, 0].max()).astype(np.float32)
+    st.write_scores("ramp", {"probs": np.stack([east, 1 - east], 1)}, {"classes": ["east", "west"]})
+    png = tmp_path / "ramp.png"
+    argv = ["score", str(store), "--scores", "ramp", "--show", "east", "--png", str(png),
+            "--slide", str(slide)]  # fmt: skip
+    assert main(argv) == 0
+    assert "east" in capsys.readouterr().out
+    img = np.asarray(Image.open(png).convert("RGB")).astype(float)
+    sx = img.shape[1] / (8 * 224)  # thumbnail px per level-0 px (the thumbnail is 1024 wide)
+
+    def brightness(x_l0: float, y_l0: float) -> float:
+        return float(img[int(y_l0 * sx), int(x_l0 * sx)].mean())
+
+    left, right = brightness(112, 672), brightness(7 * 224 + 112, 672)
+    assert right > left + 60, (left, right)
+    # a similarity map saved by search: drawn stretched, as search --png draws it
+    argv = ["search", str(store), "--region", "100,100,24,24", "--save", "like", "-k", "3"]
+    assert main(argv) == 0
+    argv = ["score", str(store), "--scores", "like", "--json", "--png", str(png), "--slide",
+            str(slide)]  # fmt: skip
+    assert main(argv) == 0
+    data = json_out(capsys)
+    assert data["kind"] == "similarity" and data["quantity"] == "similarity"
+
+
+def test_score_scores_refuses_prompts_and_folders(slide_store, capsys):
+    _, store = slide_store
+    assert main(["score", str(store), "--scores", "x", "--class", "a=b"]) == 1
+    assert "one or the other" in capsys.readouterr().err
+    assert main(["score", str(store.parent), "--scores", "x"]) == 1
+    assert "pass a store" in capsys.readouterr().err
+    assert main(["score", str(store)]) == 1
+    assert "--class" in capsys.readouterr().err
