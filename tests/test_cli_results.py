@@ -199,3 +199,38 @@ def test_score_scores_refuses_prompts_and_folders(slide_store, capsys):
     assert "pass a store" in capsys.readouterr().err
     assert main(["score", str(store)]) == 1
     assert "--class" in capsys.readouterr().err
+
+
+# -- the classifier on a partial store ---------------------------------------------------------
+def test_classify_says_partial_in_text_and_json(tmp_path, capsys):
+    """A store with 18 of its 24 tiles embedded (an interrupted run): training and applying
+    say 'partial: 18 of 24 tiles', in --json too, as `score` does."""
+    rc = full_grid(4, 6)
+    emb = two_kinds(24)
+    st = grid_store(tmp_path / "p.zarr", emb, rc, done=np.arange(24) < 18, complete=False)
+    assert (st.n_done, st.complete) == (18, False)
+    x = [ORIGIN[0] + c * TILE for c in range(7)]
+    y0, y1 = ORIGIN[1], ORIGIN[1] + 4 * TILE
+    ann = annotations(tmp_path / "a.geojson", {"a": [ring(x[0], y0, x[2], y1)],
+                                               "b": [ring(x[4], y0, x[6], y1)]})  # fmt: skip
+    clf = tmp_path / "clf.json"
+    argv = ["classify", str(st.path), "--train", ann, "--write-classifier", str(clf)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[partial: 18 of 24 tiles]" in text and "NOTE: the store is partial" in text
+    assert main([*argv[:4], "--json"]) == 0
+    data = json_out(capsys)
+    assert (data["partial"], data["coverage"]) == (True, "partial: 18 of 24 tiles")
+    assert (data["n_done"], data["n_tiles"]) == (18, 24)
+    assert main(["classify", str(st.path), "--classifier", str(clf), "--save", "x"]) == 0
+    assert "18 tiles [partial: 18 of 24 tiles] -> scores/x" in capsys.readouterr().out
+    assert main(["classify", str(st.path), "--classifier", str(clf), "--json"]) == 0
+    out = capsys.readouterr().out
+    (row,) = json.loads(out[out.index("[") : out.rindex("]") + 1])
+    assert row["coverage"] == "partial: 18 of 24 tiles" and row["partial"] is True
+    # a complete store says nothing of the kind
+    whole = grid_store(tmp_path / "w.zarr", emb, rc)
+    assert main(["classify", str(whole.path), "--classifier", str(clf), "--json"]) == 0
+    out = capsys.readouterr().out
+    (row,) = json.loads(out[out.index("[") : out.rindex("]") + 1])
+    assert (row["partial"], row["coverage"], row["n_done"]) == (False, "", 24)
