@@ -272,6 +272,8 @@ class DockContainer(Container):
             def eventFilter(self, obj: Any, event: Any) -> bool:
                 from qtpy.QtCore import QEvent, QTimer
 
+                if not hasattr(self, "inner"):  # torn down (attributes cleared), events still come
+                    return False
                 if obj is self.inner and event.type() == QEvent.Type.LayoutRequest:
                     # the scroll area is as wide as its content needs (never clipped)
                     bar = self.scroll.verticalScrollBar().sizeHint().width()
