@@ -65,6 +65,21 @@ def test_rectangle_selects_tiles_whose_centre_is_inside() -> None:
     )
 
 
+def test_shapely_regions_leave_their_holes_out() -> None:
+    """QuPath annotations (shapely, with holes): centres inside, not in a hole; a region
+    smaller than a tile takes the tiles it overlaps most, as plain polygons do."""
+    from shapely.geometry import Polygon, box
+
+    ring = Polygon([(0, 0), (40, 0), (40, 40), (0, 40)], [[(10, 10), (30, 10), (30, 30), (10, 30)]])
+    got = tiles_in_shapes(COORDS, 10, [ring])
+    np.testing.assert_array_equal(got, [0, 1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15])
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [box(6, 6, 14, 14)]), [0, 1, 4, 5])
+    eligible = np.ones(16, bool)
+    eligible[0] = False
+    np.testing.assert_array_equal(tiles_in_shapes(COORDS, 10, [ring], eligible=eligible),
+                                  [1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15])  # fmt: skip
+
+
 def test_half_open_edges_assign_shared_centres_once() -> None:
     left = np.array([[0, 0], [15, 0], [15, 40], [0, 40]])  # right edge through centres x=15
     right = np.array([[15, 0], [40, 0], [40, 40], [15, 40]])

@@ -335,6 +335,7 @@ def test_region_search_finds_the_drawn_tile_and_steps_through_matches(viewer_cmu
         np.array([world_of_l0(slide, cx - 9, cy - 9), world_of_l0(slide, cx + 9, cy + 9)])
     )
     assert widget._negative.value.name == negative.name
+    widget._neg_weight.value = 1.0  # the untrained model's tiles are near-identical: push hard
     widget._search.native.click()
     assert widget.last_result.request.negative
     sim_j = float(store.embeddings[j] @ widget.last_result.query)

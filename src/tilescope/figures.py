@@ -275,3 +275,29 @@ def similarity_figure(
     return heatmap_figure(slide_path, hm, out, caption, scale=ColorScale.stretched(hm.raster),
                           slide_mpp=slide_mpp, warning=warning, boxes=boxes,
                           marks=marks)  # fmt: skip
+
+
+def saved_scores_figure(
+    slide_path: str | PathLike[str],
+    store: Any,
+    values: np.ndarray,
+    out: str | PathLike[str],
+    *,
+    title: str,
+    quantity: str = "probability",
+    caption: Sequence[str] = (),
+    slide_mpp: float | None = None,
+    warning: str | None = None,
+) -> Path:
+    """One column of a saved score set (one value per tile, NaN = none) over the slide:
+    probabilities on the fixed 0-1 scale of `score_figure`, similarities stretched in turbo
+    as `similarity_figure`, anything else stretched in inferno."""
+    hm = heatmap(np.asarray(values, dtype=np.float32), TileGeometry.from_store(store))
+    if quantity == "probability":
+        scale = ColorScale.probability()
+    elif quantity == "similarity":
+        scale = ColorScale.stretched(hm.raster)
+    else:
+        scale = ColorScale.stretched(hm.raster, quantity, "inferno")
+    return heatmap_figure(slide_path, hm, out, [title, *caption], scale=scale,
+                          slide_mpp=slide_mpp, warning=warning)  # fmt: skip

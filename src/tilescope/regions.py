@@ -91,3 +91,37 @@ def tiles_overlapping(coords: np.ndarray, tile_l0: float, regions: Iterable[Regi
         # interiors intersect: shared area, not just a shared edge or corner
         hit[cand] = shapely.relate_pattern(geom, boxes, "T********")
     return np.flatnonzero(hit).astype(np.int64)
+
+
+def tiles_centred_in(
+    coords: np.ndarray, tile_l0: float, geom: Any, eligible: np.ndarray | None = None
+) -> np.ndarray:
+    """Sorted indices of the eligible tiles whose centre lies inside the shapely `geom`
+    (holes cut out; a centre on an outline does not count). A region that holds no eligible
+    centre (one smaller than a tile) selects the eligible tiles it overlaps most, by area
+    (all of them on a tie), as `tilescope.search.tiles_in_shapes` does for plain polygons."""
+    import shapely
+
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    t = float(tile_l0)
+    ok = np.ones(len(xy), bool) if eligible is None else np.asarray(eligible, bool).reshape(-1)
+    if geom is None or geom.is_empty:
+        return np.zeros(0, np.int64)
+    x0, y0, x1, y1 = geom.bounds
+    centres = xy + t / 2
+    cand = np.flatnonzero(ok & (centres[:, 0] > x0) & (centres[:, 0] < x1)
+                          & (centres[:, 1] > y0) & (centres[:, 1] < y1))  # fmt: skip
+    shapely.prepare(geom)
+    inside = cand[shapely.contains_xy(geom, centres[cand, 0], centres[cand, 1])]
+    if len(inside):
+        return inside.astype(np.int64)
+    cand = np.flatnonzero(ok & (xy[:, 0] < x1) & (xy[:, 0] + t > x0)
+                          & (xy[:, 1] < y1) & (xy[:, 1] + t > y0))  # fmt: skip
+    if not len(cand):
+        return cand.astype(np.int64)
+    boxes = shapely.box(xy[cand, 0], xy[cand, 1], xy[cand, 0] + t, xy[cand, 1] + t)
+    areas = shapely.area(shapely.intersection(boxes, geom))
+    best = float(areas.max())
+    if not best > 0:
+        return cand[:0].astype(np.int64)
+    return cand[areas >= best * (1 - 1e-9)].astype(np.int64)

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .errors import SearchError
+from .regions import tiles_centred_in
 from .store import FORMAT_NAME, MODEL_IDENTITY_KEYS, EmbeddingStore
 
 __all__ = [
@@ -57,7 +58,8 @@ def tiles_in_shapes(
     shapes_l0
         Polygons as (K, 2) level-0 (x, y) vertices, K >= 3, in order (either winding; the
         closing vertex may be repeated); a (2, 2) array is the axis-aligned rectangle with those
-        two opposite corners.
+        two opposite corners; or shapely polygons (QuPath annotations), whose holes are cut
+        out (`tilescope.regions.tiles_centred_in`: a centre on their outline does not count).
     eligible
         (N,) bool: only these tiles may be returned (e.g. the embedded ones).
 
@@ -74,6 +76,9 @@ def tiles_in_shapes(
     ok = np.ones(len(xy), bool) if eligible is None else np.asarray(eligible, bool).reshape(-1)
     hit = np.zeros(len(centres), dtype=bool)
     for shape in shapes_l0:
+        if hasattr(shape, "geom_type"):  # a shapely region: its holes are cut out
+            hit[tiles_centred_in(xy, float(tile_l0), shape, ok)] = True
+            continue
         poly = _polygon(shape)
         lo, hi = poly.min(0), poly.max(0)
         cand = np.flatnonzero(np.all((centres >= lo) & (centres <= hi), axis=1) & ok)

@@ -277,7 +277,8 @@ class TissueClassifierWidget(DockContainer):
         n = 0 if data is None else len(data.indices)
         left = "" if data is None or not data.n_ambiguous else (
             f"; {data.n_ambiguous} tiles inside two classes left out")  # fmt: skip
-        self._status.value = f"{pred.n_predicted} tiles classified" + (
+        part = f" ({pred.coverage}: areas are of the embedded part)" if pred.coverage else ""
+        self._status.value = f"{pred.n_predicted} tiles classified{part}" + (
             f" from {n} training tiles{left}" if data is not None else "")  # fmt: skip
         return added
 

@@ -14,7 +14,7 @@ import numpy as np
 from ..figures import ColorScale
 from ..live import LiveSimilarity, RowsOverlay, coverage_text
 from ..raster import TileGeometry, heatmap
-from ..search import query_from_regions, top_k
+from ..search import NEG_WEIGHT, query_from_regions, top_k
 from ._common import UNTRAINED_TAG, open_store
 from ._layers import LayerData, SlideFrame, heatmap_layer, matches_layer, result_name
 
@@ -23,13 +23,14 @@ ROLE = "region-search"
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Drawn regions as level-0 (x, y) polygons and the search options."""
+    """Drawn regions as level-0 (x, y) polygons (or shapely regions with holes, from QuPath
+    annotations) and the search options."""
 
     store_path: Path | None  # None: the slide has no store yet (searched once it has)
     frame: SlideFrame
-    positive: list[np.ndarray]
-    negative: list[np.ndarray] = field(default_factory=list)
-    neg_weight: float = 1.0
+    positive: list[Any]
+    negative: list[Any] = field(default_factory=list)
+    neg_weight: float = NEG_WEIGHT
     k: int = 10
     exclude_query: bool = True
 

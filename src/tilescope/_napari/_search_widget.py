@@ -30,13 +30,14 @@ from magicgui.widgets import (
 )
 
 from ..errors import SearchError
-from ..search import Match
+from ..search import NEG_WEIGHT, Match
 from ._common import DockContainer, camera_of, row, start_worker
 from ._layers import SlideFrame, put_layers, shapes_to_world_polygons
 from ._live import HUB, LiveFollower
 from ._messages import StatusLabel, compact_combo, report_error, wrapping
 from ._search_layers import ROLE, SearchRequest, SearchResult, search_result, search_store
 from ._search_other import FOLDER_ROLE, OtherSlides, fit_columns
+from ._search_query import class_choices, has_classes, query_regions
 from ._slides import (
     no_slide_error,
     slide_choices,
@@ -61,10 +62,11 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
     """Find tiles that look like drawn regions, on this slide and across a folder of stores.
 
     Parts: ``_slide``, ``_store`` (store picker), ``_positive`` / ``_negative`` (shapes
-    layers), ``_draw`` / ``_draw_negative``, ``_neg_weight``, ``_k``, ``_exclude``,
-    ``_search``, ``_prev``, ``_next``, ``_zoom``, ``_match`` (current match), ``_legend``,
-    ``_folder``, ``_per_slide`` (0: no cap), ``_search_folder``, ``_cancel_folder``,
-    ``_results`` (matches on other slides), ``_status``.
+    layers), ``_positive_class`` / ``_negative_class`` (the QuPath class of a layer opened
+    from GeoJSON; None: every class), ``_draw`` / ``_draw_negative``, ``_neg_weight``,
+    ``_k``, ``_exclude``, ``_search``, ``_prev``, ``_next``, ``_zoom``, ``_match`` (current
+    match), ``_legend``, ``_folder``, ``_per_slide`` (0: no cap), ``_search_folder``,
+    ``_cancel_folder``, ``_results`` (matches on other slides), ``_status``.
     ``synchronous = True`` runs button presses inline (tests).
     """
 
@@ -77,12 +79,22 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         self._store = StorePicker()
         self._positive = ComboBox(label="like this", choices=self._shape_choices)
         self._negative = ComboBox(label="not like this", choices=self._negative_choices)
-        for combo in (self._slide, self._positive, self._negative):
+        self._positive_class = ComboBox(label="class", choices=self._positive_classes)
+        self._negative_class = ComboBox(label="class", choices=self._negative_classes)
+        for combo in (self._positive_class, self._negative_class):
+            combo.tooltip = ("QuPath annotations: only regions of this class (holes are left "
+                             "out)")  # fmt: skip
+        for combo in (self._slide, self._positive, self._negative, self._positive_class,
+                      self._negative_class):  # fmt: skip
             compact_combo(combo, 10)
         self._draw = PushButton(text="Draw 'like this'")
         self._draw_negative = PushButton(text="Draw 'not like this'")
-        self._neg_weight = FloatSpinBox(label="weight", value=1.0, min=0.0, max=5.0, step=0.1)
-        self._neg_weight.tooltip = "How strongly 'not like this' pushes the query away"
+        self._neg_weight = FloatSpinBox(label="weight", value=NEG_WEIGHT, min=0.0, max=5.0,
+                                        step=0.05)  # fmt: skip
+        self._neg_weight.tooltip = (
+            f"How strongly 'not like this' pushes the query away ({NEG_WEIGHT}: Rocchio's usual "
+            "weight; 1 lets near-duplicate tissue cancel the query)"
+        )
         self._k = SpinBox(label="matches", value=10, min=1, max=1000)
         self._exclude = CheckBox(text="leave query tiles out", value=True)
         self._exclude.tooltip = "Do not list the tiles of the query region among the matches"
@@ -117,15 +129,17 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         self._results.native.setMinimumHeight(64)
         fit_columns(self._results)
         self._status = StatusLabel()
-        negative = row(self._negative, self._neg_weight, labels=True)
-        negative.label, self._negative.label = "not like this", ""
+        positive = row(self._positive, self._positive_class, labels=True)
+        positive.label, self._positive.label, self._positive_class.label = "like this", "", ""
+        negative = row(self._negative, self._negative_class, self._neg_weight, labels=True)
+        negative.label, self._negative.label, self._negative_class.label = "not like this", "", ""
         k = row(self._k, self._zoom, labels=True)
         k.label, self._k.label, self._zoom.label = "matches", "", ""
         other = row(self._per_slide, self._search_folder, self._cancel_folder, labels=True)
         other.label, self._per_slide.label = "per slide", ""
         self._search_folder.label = self._cancel_folder.label = ""
         self.extend(
-            [self._slide, self._store, row(self._draw, self._draw_negative), self._positive,
+            [self._slide, self._store, row(self._draw, self._draw_negative), positive,
              negative, k, row(self._search, self._exclude), row(self._prev, self._next),
              self._match, self._legend, self._folder, other, self._results, self._status]
         )  # fmt: skip
@@ -138,6 +152,8 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         self._prev.changed.connect(lambda: self.step(-1))
         self._next.changed.connect(lambda: self.step(+1))
         self._slide.changed.connect(self._store.set_slide)
+        self._positive.changed.connect(lambda: self._show_classes(self._positive_class))
+        self._negative.changed.connect(lambda: self._show_classes(self._negative_class))
         self._results.native.cellDoubleClicked.connect(self._on_result_clicked)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self.reset_choices)
@@ -152,6 +168,8 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         self._step_enabled()
         self._searching = False
         self._live_init()
+        for combo in (self._positive_class, self._negative_class):
+            self._show_classes(combo)
 
     def _shape_choices(self, _: Any = None) -> list[tuple[str, Any]]:
         from napari.layers import Shapes
@@ -165,6 +183,18 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
 
     def _negative_choices(self, _: Any = None) -> list[tuple[str, Any]]:
         return [("(none)", None), *self._shape_choices()]
+
+    def _positive_classes(self, _: Any = None) -> list[tuple[str, str | None]]:
+        return class_choices(self._positive.value)
+
+    def _negative_classes(self, _: Any = None) -> list[tuple[str, str | None]]:
+        return class_choices(self._negative.value)
+
+    def _show_classes(self, combo: Any) -> None:
+        """The class combo follows its layer, shown only for a layer with QuPath classes."""
+        combo.reset_choices()
+        layer = (self._positive if combo is self._positive_class else self._negative).value
+        combo.visible = layer is not None and has_classes(layer)
 
     # -- query layers -------------------------------------------------------------------------
     def query_layer(self, name: str = QUERY_LAYER) -> Any:
@@ -199,20 +229,21 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         frame = SlideFrame.of_layer(layer)
         store_path = self._store.value or HUB.active(slide=frame.path)  # None: not yet
         pos_layer = self._positive.value or self.query_layer()
-        worlds = shapes_to_world_polygons(pos_layer)
-        positive = [frame.world_to_l0(p) for p in worlds]
+        neg_layer = self._negative.value
+        pos_cls, neg_cls = self._positive_class.value, self._negative_class.value
+        same = neg_layer is pos_layer
+        # one QuPath layer for both: "not like this" is its class, the query the others
+        skip = (neg_cls,) if same and neg_cls is not None and pos_cls is None else ()
+        positive = query_regions(pos_layer, layer, pos_cls, skip)
         if not positive:
             raise SearchError(
                 f"draw a region (rectangle, polygon or ellipse) on the {pos_layer.name!r} "
                 "layer first: press 'Draw like this' and drag over the tissue you want"
             )
-        self._check_on_slide(layer, worlds)
-        neg_layer = self._negative.value
-        negative = (
-            [frame.world_to_l0(p) for p in shapes_to_world_polygons(neg_layer)]
-            if neg_layer is not None and neg_layer is not pos_layer
-            else []
-        )
+        self._check_on_slide(layer, shapes_to_world_polygons(pos_layer))
+        negative = []
+        if neg_layer is not None and not (same and (neg_cls is None or neg_cls == pos_cls)):
+            negative = query_regions(neg_layer, layer, neg_cls)
         return SearchRequest(
             store_path, frame, positive, negative, float(self._neg_weight.value),
             int(self._k.value), bool(self._exclude.value),

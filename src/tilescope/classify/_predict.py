@@ -20,12 +20,21 @@ class Prediction:
     probs: np.ndarray  # (N, C) float32
     label: np.ndarray  # (N,) int16, -1 = not embedded
     uncertainty: np.ndarray  # (N,) float32, normalised entropy
-    area_mm2: dict[str, float]  # winning-class area per class
+    area_mm2: dict[str, float]  # winning-class area per class (of the embedded tiles)
     trained_model: bool = True
+    n_tiles: int = 0  # tiles of the store's grid (0: not known)
+    complete: bool = True  # the store was complete (its tiles not predicted all failed)
 
     @property
     def n_predicted(self) -> int:
         return int((self.label >= 0).sum())
+
+    @property
+    def coverage(self) -> str:
+        """``"partial: n of N tiles"`` for a store still to embed, else ``""`` (as `score`)."""
+        from ..live import coverage_text
+
+        return coverage_text(self.n_predicted, self.n_tiles or len(self.label), self.complete)
 
 
 def predict(store: Any, clf: Classifier, *, where: str = "the classifier") -> Prediction:
@@ -47,7 +56,8 @@ def predict(store: Any, clf: Classifier, *, where: str = "the classifier") -> Pr
     cell_mm2 = (float(lay["stride_l0"]) * store.level0_mpp / 1000.0) ** 2
     area = {c: float((label == j).sum() * cell_mm2) for j, c in enumerate(clf.classes)}
     trained = bool(store.signature["model"].get("trained", True))
-    return Prediction(list(clf.classes), list(clf.colors), probs, label, unc, area, trained)
+    return Prediction(list(clf.classes), list(clf.colors), probs, label, unc, area, trained,
+                      int(n), bool(store.complete))  # fmt: skip
 
 
 def save_prediction(store: Any, name: str, clf: Classifier, pred: Prediction) -> None:

@@ -57,6 +57,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
                     "store": str(store.path),
                     "saved_as": args.save,
                     "area_mm2": pred.area_mm2,
+                    **_coverage(pred),
                 },
                 indent=2,
             )
@@ -64,7 +65,11 @@ def _train(args: argparse.Namespace, path: Path) -> int:
         return 0
     if not pred.trained_model:
         print(f"NOTE: {store.model_id} is untrained: this classifier means nothing.")
-    print(f"{store.slide_name}: trained on {len(data.indices)} tiles from {args.train}")
+    if pred.coverage:
+        print(f"NOTE: the store is partial ({store.state_text()}): only embedded tiles are "
+              "trained on and classified; run `tilescope embed` again to finish it")  # fmt: skip
+    flag = f" [{pred.coverage}]" if pred.coverage else ""
+    print(f"{store.slide_name}: trained on {len(data.indices)} tiles from {args.train}{flag}")
     regions, tiles = data.regions_per_class(), data.tiles_per_class()
     width = max(map(len, clf.classes))
     for c in clf.classes:
@@ -113,15 +118,23 @@ def _apply(args: argparse.Namespace, clf: Any, stores: list[Path], name: str) ->
                 "area_mm2": pred.area_mm2,
                 "tiles": pred.n_predicted,
                 "trained_model": pred.trained_model,
+                **_coverage(pred),
             }
         )
         if not args.json:
             note = "" if pred.trained_model else "  [UNTRAINED model: means nothing]"
-            print(f"{path}: {pred.n_predicted} tiles -> scores/{name}{note}")
+            flag = f" [{pred.coverage}]" if pred.coverage else ""
+            print(f"{path}: {pred.n_predicted} tiles{flag} -> scores/{name}{note}")
             _print_areas(pred)
     if args.json:
         print(json.dumps(results, indent=2))
     return status
+
+
+def _coverage(pred: Any) -> dict[str, Any]:
+    """What `--json` says of how much of the slide was classified (as `score --json`)."""
+    return {"n_tiles": pred.n_tiles, "n_done": pred.n_predicted, "partial": bool(pred.coverage),
+            "coverage": pred.coverage}  # fmt: skip
 
 
 def _print_areas(pred: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TilescopeError
-from . import _score_cohort
+from . import _score_cohort, _score_saved
 from ._common import (
     add_png_args,
     positive_int,
@@ -44,6 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from ..score import PromptSet, save_scores, score_store
     from ..store import EmbeddingStore
 
+    if args.scores is not None:  # a saved score set: summarised, drawn with --png
+        if _score_cohort.wanted(args):
+            raise TilescopeError("--scores NAME reads one store's saved score set; pass a store")
+        return _score_saved.run(args)
+    if args.show is not None:
+        raise TilescopeError("--show CLASS draws a class of a saved score set: add --scores NAME")
+    if not args.classes:
+        raise TilescopeError('give the classes, --class "NAME=PROMPT|PROMPT" (repeat for each '
+                             "class), or draw a saved score set with --scores NAME")  # fmt: skip
     if _score_cohort.wanted(args):  # a folder of stores, or --csv: one row per store
         return _score_cohort.run(args)
     # everything a user typed is checked before the model loads and before any work
@@ -130,7 +139,6 @@ def register(sub: Any) -> None:
         "--class",
         dest="classes",
         action="append",
-        required=True,
         metavar="NAME=PROMPT[|PROMPT...]",
         help='a class and its prompts, e.g. "tumor=invasive carcinoma|malignant '
         'epithelium"; repeat for each class',
@@ -169,6 +177,17 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="save the scores into the store under NAME (A-Z a-z 0-9 _ . -), replacing a "
         "set of that name",
+    )
+    p.add_argument(
+        "--scores",
+        metavar="NAME",
+        help="instead of prompts: a score set saved in the store (score --save, classify "
+        "--save, search --save), summarised and drawn with --png; no model is loaded",
+    )
+    p.add_argument(
+        "--show",
+        metavar="CLASS",
+        help="with --scores and --png: the class to draw (default: the one winning most tiles)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_png_args(p, "the winning class's heatmap")

@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..store import EmbeddingStore
 
     require_slide_for_png(args)
+    _check_outputs(args)
     if not args.region and not args.region_geojson:
         raise TilescopeError("give the query as --region X,Y,W,H or --region-geojson FILE")
     args.region = args.region or []
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )  # fmt: skip
     matches = found.matches
+    outputs = _write_outputs(args, store, query, pos, neg, matches)
     if args.json:
         print(
             json.dumps(
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                     },  # fmt: skip
                     "notes": found.notes,
                     "matches": [m.__dict__ for m in matches],
+                    **outputs,
                 },
                 indent=2,
                 allow_nan=False,
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{rank:>3}. {m.slide_name:<32} x={m.x:<7} y={m.y:<7} similarity {m.similarity:.4f}"
                 + (f"  {m.store}" if args.against else "")
             )
+        _print_outputs(args, store, outputs)
     if args.png:
         from ..figures import similarity_figure
         from ..search import similarity_map
@@ -119,6 +123,70 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.png}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse a bad --geojson or --save before any work."""
+    if args.geojson:
+        out = Path(args.geojson)
+        if out.suffix.lower() not in (".geojson", ".json"):
+            raise TilescopeError(f"--geojson {out}: the matches are GeoJSON; name it ….geojson")
+        if out.is_dir():
+            raise TilescopeError(f"--geojson {out}: is a folder; name a .geojson file")
+    if args.save is not None:
+        from .._store_scores import check_score_name
+
+        try:
+            check_score_name(Path(args.store), args.save)
+        except TilescopeError:
+            raise TilescopeError(
+                f"--save {args.save!r}: a name for the similarity map must be non-empty and "
+                "use only A-Z a-z 0-9 _ . - (not starting with . or -)"
+            ) from None
+
+
+def _write_outputs(args: argparse.Namespace, store: Any, query: Any, pos: Any, neg: Any,
+                   matches: list) -> dict[str, Any]:  # fmt: skip
+    """--geojson: the matches on the query's slide as QuPath objects; --save: the similarity
+    map as a score set of the query's store. Returns what `--json` reports of them."""
+    out: dict[str, Any] = {}
+    trained = bool(store.signature["model"].get("trained", True))
+    if args.geojson:
+        from ..qupath import match_features, write_features
+
+        feats = match_features(matches, store=store.path, trained=trained,
+                               object_type=args.geojson_as.rstrip("s"))  # fmt: skip
+        write_features(args.geojson, feats, overwrite=True)
+        out["geojson"] = {"path": str(args.geojson), "objects": len(feats),
+                          "object_type": args.geojson_as.rstrip("s"),
+                          "left_out_other_slides": len(matches) - len(feats)}  # fmt: skip
+    if args.save is not None:
+        from ..search import similarity_map
+
+        meta = {
+            "kind": "similarity",
+            "model_id": store.model_id,
+            "trained": trained,
+            "query": {"regions": list(args.region), "region_geojson": args.region_geojson,
+                      "region_class": args.region_class, "unlike": list(args.unlike),
+                      "unlike_class": list(args.unlike_class), "like_tiles": len(pos),
+                      "unlike_tiles": len(neg), "unlike_weight": args.unlike_weight},
+        }  # fmt: skip
+        store.write_scores(args.save, {"similarity": similarity_map(store, query)}, meta)
+        out["saved_as"] = args.save
+    return out
+
+
+def _print_outputs(args: argparse.Namespace, store: Any, outputs: dict[str, Any]) -> None:
+    geo = outputs.get("geojson")
+    if geo:
+        other = geo["left_out_other_slides"]
+        note = f" ({other} matches on other slides left out: coordinates are per slide)"
+        print(f"wrote {geo['objects']} matches as QuPath {geo['object_type']}s to "
+              f"{geo['path']}" + (note if other else ""))  # fmt: skip
+    if "saved_as" in outputs:
+        print(f"saved the similarity map as {args.save!r} in {store.path} (export --scores "
+              f"{args.save} --as annotations --threshold T: its regions for QuPath)")  # fmt: skip
 
 
 def _geojson_query(args: argparse.Namespace, store: Any, positive: list, negative: list) -> Any:
@@ -211,6 +279,24 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "-k", "--k", dest="k", type=positive_int, default=20, help="number of matches (20)"
+    )
+    p.add_argument(
+        "--geojson",
+        metavar="OUT.geojson",
+        help="write the matches on the query's slide as QuPath objects (one tile square each, "
+        "classified 'Search match', with Rank and Similarity measurements; level-0 pixels)",
+    )
+    p.add_argument(
+        "--geojson-as",
+        choices=["annotations", "detections"],
+        default="annotations",
+        help="QuPath object type of the --geojson matches (annotations)",
+    )
+    p.add_argument(
+        "--save",
+        metavar="NAME",
+        help="save the similarity map in the query's store as the score set NAME (for export "
+        "--scores NAME and score --scores NAME --png), replacing a set of that name",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_png_args(p, "the similarity map")

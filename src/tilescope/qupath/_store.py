@@ -283,18 +283,25 @@ def match_features(
     color: Sequence[int] = (0, 200, 200),
     slide_name: str | None = None,
     trained: bool = True,
+    store: str | Path | None = None,
+    object_type: str = "annotation",
 ) -> list[dict[str, Any]]:
-    """Search matches (`tilescope.search.Match`) as QuPath annotations, one square per tile.
+    """Search matches (`tilescope.search.Match`) as QuPath objects, one square per tile.
 
-    Each is classified as `classification`, named "match <rank>", with measurements ``Rank``
-    and ``Similarity``. Only matches of `slide_name` (their ``slide_name``) when given, since
+    Each is a QuPath `object_type` ("annotation", or "detection"), classified as
+    `classification`, named "match <rank>" (its rank among all `matches`), with measurements
+    ``Rank`` and ``Similarity``. Only matches of `slide_name` (their ``slide_name``) and of
+    the store `store` (their ``store``, however the path is spelled) when given, since
     coordinates belong to one slide. For a similarity map saved as a score set, `export
     --scores NAME --as annotations --threshold T` gives the regions instead.
     """
     tag = "" if trained else UNTRAINED_TAG
+    here = Path(store).resolve() if store is not None else None
     out = []
     for rank, m in enumerate(matches, 1):
         if slide_name is not None and m.slide_name != slide_name:
+            continue
+        if here is not None and Path(m.store).resolve() != here:
             continue
         x, y, t = float(m.x), float(m.y), float(m.tile_l0)
         out.append(
@@ -305,6 +312,7 @@ def match_features(
                 name=f"match {rank}{tag}",
                 measurements={"Rank": float(rank), "Similarity": float(m.similarity)},
                 metadata={"tilescope slide": m.slide_name, "tilescope store": Path(m.store).name},
+                object_type=object_type,
             )
         )
     return out
