@@ -29,8 +29,12 @@ measurements named ``"<score set>: <class> [UNTRAINED]"``. Features carry no ``i
 reads an id as an object UUID).
 
 Privacy: nothing from associated images (label, macro) is ever exported (the store holds
-none). The provenance holds the slide's file name, which often carries an accession number:
-``anonymize=True`` replaces it by ``slide-<12 hex of its header digest>``.
+none). The provenance holds the slide's file name, which often carries an accession number, and
+score sets may record file names too (a classifier's training slide, store and annotation
+file): ``anonymize=True`` replaces the slide's file name, its stem, the store's name and the
+paths of the store and its folder, wherever they occur in what is written (provenance, score
+set names and metadata, QuPath object properties, HDF5 attributes), by
+``slide-<12 hex of its header digest>`` (see `tilescope.anonymize`).
 
 The output's suffix says its format (`FORMATS`); other suffixes are refused. Its parent
 folder is created. Outputs are written under a temporary name and put in place when complete
@@ -50,7 +54,6 @@ name and renamed into place when complete; an embedding store is never replaced,
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,6 +67,7 @@ from zarr.storage import LocalStore
 
 from . import _fsops
 from ._signature import jsonable
+from .anonymize import Anonymizer
 from .errors import OVERWRITE_WORDS, OutputExistsError, StoreError
 from .store import FORMAT_NAME, EmbeddingStore
 
@@ -138,7 +142,8 @@ def export_store(
         Replace an existing export at `out` (a zarr group, or a file for GeoJSON). An
         embedding store, or a folder that is not a zarr group, is never replaced.
     anonymize
-        Replace the slide's file name in the provenance by a digest.
+        Write no slide path, file name or stem anywhere: they are replaced by
+        ``slide-<12 hex>`` (`tilescope.anonymize`). The name of `out` is the caller's choice.
     objects
         GeoJSON only: "tiles" (one tile object per tile), "detections" (QuPath detections
         per embedded tile, classified by the score set when there is exactly one) or
@@ -193,11 +198,15 @@ def export_store(
             "must hold the whole slide: finish embedding (run the same command again) first"
         )
     names = store.score_names() if scores is None else list(scores)
+    anon = Anonymizer.for_store(store) if anonymize else None
+    score_sets = {name: store.read_scores(name) for name in names}
+    if anon is not None:
+        score_sets = {anon.text(k): (a, anon.value(m)) for k, (a, m) in score_sets.items()}
     selection = ExportRows(
         store=store,
         rows=np.flatnonzero(store.done).astype(np.int64),
-        score_sets={name: store.read_scores(name) for name in names},
-        provenance=_provenance(store, anonymize),
+        score_sets=score_sets,
+        provenance=_provenance(store, anon),
         counts={
             "n_tiles": store.n_tiles,
             "n_exported": store.n_done,
@@ -217,7 +226,8 @@ def export_store(
         elif fmt == "geojson" and objects != "tiles":
             from .qupath import write_objects
 
-            write_objects(store, tmp, selection.score_sets, objects=objects, threshold=threshold)
+            write_objects(store, tmp, {n: store.read_scores(n) for n in names}, objects=objects,
+                          threshold=threshold, scrub=anon.value if anon else None)  # fmt: skip
         else:
             WRITERS[fmt](selection, tmp, dtype=np.dtype(dtype), anonymized=anonymize)
         _fsops.publish(tmp, dest)  # an old export stays until the new one takes its place
@@ -231,16 +241,12 @@ def export_store(
     return dest
 
 
-def _provenance(store: EmbeddingStore, anonymize: bool) -> dict[str, Any]:
+def _provenance(store: EmbeddingStore, anon: Anonymizer | None) -> dict[str, Any]:
     sig = store.signature
-    if anonymize:
-        slide = dict(sig.get("slide") or {})
-        digest = str(slide.get("header_sha256") or "")
-        if not digest:
-            digest = hashlib.sha256(str(slide.get("name", "")).encode()).hexdigest()
-        slide["name"] = f"slide-{digest[:12]}"
-        sig["slide"] = slide
-    return sig
+    if anon is None:
+        return sig
+    sig["slide"] = {**(sig.get("slide") or {}), "name": anon.alias}
+    return dict(anon.value(sig))
 
 
 def _is_embedding_store(path: Path) -> bool:

@@ -168,11 +168,14 @@ def export_h5_cohort(
     fmt: str = "trident",
     overwrite: bool = False,
     recursive: bool = False,
+    anonymize: bool = False,
 ) -> CohortExport:
     """Export every store in `folder` to ``out_dir/<slide name>.h5`` (one file per slide).
 
     File names are the slide's file name without its suffix (the ``slide_id`` CLAM and
-    TRIDENT expect); two stores of slides with one name get the store's name instead. A
+    TRIDENT expect); two stores of slides with one name get the store's name instead. With
+    `anonymize`, files are named by the slide's alias (``slide-<12 hex>``, then ``-2``, ...
+    for two stores of one slide file) and hold no slide name (`tilescope.anonymize`). A
     store that cannot be exported (unfinished, unreadable, an existing file without
     `overwrite`) is skipped and reported; the others are still written.
 
@@ -190,13 +193,17 @@ def export_h5_cohort(
         raise StoreError(f"{src}: no Tilescope embedding stores (*.zarr) in this folder")
     if dest.exists() and not dest.is_dir():
         raise StoreError(f"{dest}: is a file; name a folder for one .h5 file per slide")
-    names = [_slide_stem(p) for p in stores]
+    names = [_slide_stem(p, anonymize) for p in stores]
     result = CohortExport()
-    for store_path, stem in zip(stores, names, strict=True):
-        name = stem if names.count(stem) == 1 else store_path.stem
+    for k, (store_path, stem) in enumerate(zip(stores, names, strict=True)):
+        seen = names[:k].count(stem)  # stores of this slide name (or file) before this one
+        if names.count(stem) == 1 or (anonymize and not seen):
+            name = stem
+        else:
+            name = f"{stem}-{seen + 1}" if anonymize else store_path.stem
         try:
             out = export_store(store_path, dest / f"{name}.h5", mil_format=fmt,  # type: ignore[arg-type]
-                               overwrite=overwrite)  # fmt: skip
+                               overwrite=overwrite, anonymize=anonymize)  # fmt: skip
         except (StoreError, OSError) as exc:
             result.skipped.append((store_path, str(exc)))
         else:
@@ -204,8 +211,11 @@ def export_h5_cohort(
     return result
 
 
-def _slide_stem(store_path: Path) -> str:
+def _slide_stem(store_path: Path, anonymize: bool = False) -> str:
+    from .anonymize import slide_alias
     from .catalog import read_signature
 
     sig = read_signature(store_path) or {}
+    if anonymize:
+        return slide_alias(sig)
     return Path(str(sig.get("slide", {}).get("name") or store_path.stem)).stem

@@ -12,6 +12,7 @@ from ._common import EXIT_ERROR, OVERWRITE_FLAG, describe
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..anonymize import Anonymizer, slide_alias
     from ..catalog import read_signature
     from ..export import export_store
     from ..store import EmbeddingStore
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     except TilescopeError as exc:
         raise TilescopeError(describe(exc, overwrite=OVERWRITE_FLAG)) from exc
     store = EmbeddingStore.open(args.store)
+    alias = slide_alias(store.signature)
     if store.n_done == store.n_tiles:
         print(f"wrote {out} (all {store.n_tiles} tiles)")
     else:
@@ -36,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
             f"that could not be read and {store.n_todo} not embedded yet"
         )
     if args.anonymize:
-        print("  the slide's file name is replaced by a digest of its content")
+        print(f"  anonymized: the slide's file name and paths are written as {alias}")
+        if Anonymizer.for_store(store).leaks(Path(out).name):
+            print(f"  NOTE: the output's own name ({Path(out).name}) contains the slide's name; "
+                  f"rename it (e.g. {alias}{Path(out).suffix}) before sharing it")  # fmt: skip
     return 0
 
 
@@ -50,7 +55,8 @@ def _cohort(args: argparse.Namespace, folder: Path) -> int:
         )
     if args.objects != "tiles" or args.scores:
         raise TilescopeError("--as and --scores apply to one store; a folder exports .h5 files")
-    result = export_h5_cohort(folder, args.out, fmt=args.format, overwrite=args.overwrite)
+    result = export_h5_cohort(folder, args.out, fmt=args.format, overwrite=args.overwrite,
+                              anonymize=args.anonymize)  # fmt: skip
     for path in result.written:
         print(f"wrote {path}")
     for store, reason in result.skipped:
@@ -130,7 +136,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--anonymize",
         action="store_true",
-        help="replace the slide's file name (which often holds an accession number) by a "
-        "digest in the export's provenance",
+        help="write no slide file name, stem or path (which often hold an accession number) "
+        "anywhere in the export: they become slide-<digest>; a folder's .h5 files are named so",
     )
     p.set_defaults(func=run)
