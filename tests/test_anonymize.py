@@ -130,6 +130,12 @@ def test_cli_folder_export_names_files_by_alias(secret_store, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [f"{alias}-2.h5", f"{alias}.h5"]
     assert leaks(out, secrets(st.path.parent)) == []
     assert other.path.exists()
+    clam = tmp_path / "clam"  # CLAM's feature folder: h5_files/ and pt_files/
+    assert main(["export", str(st.path.parent), "-o", str(clam), "--anonymize",
+                 "--format", "clam"]) == 0  # fmt: skip
+    assert sorted(p.name for p in (clam / "pt_files").iterdir()) == [f"{alias}-2.pt",
+                                                                      f"{alias}.pt"]  # fmt: skip
+    assert leaks(clam, secrets(st.path.parent)) == []
     capsys.readouterr()
     one = tmp_path / f"{STEM}.zarr"
     assert main(["export", str(st.path), "-o", str(one), "--anonymize"]) == 0

@@ -151,8 +151,9 @@ def export_store(
     threshold
         Annotations: the value a tile needs to belong to a class's region.
     mil_format
-        ``.h5`` only: "trident" (default, also read by CLAM's MIL loaders), "clam" or
-        "stamp"; see `tilescope.mil`.
+        ``.h5`` only: "trident" (default, also read by CLAM's MIL loaders with
+        ``load_from_h5``), "clam" (also writes CLAM's ``pt_files/<slide_id>.pt``, see
+        `tilescope.mil.clam_pt_path`) or "stamp"; see `tilescope.mil`.
 
     Raises
     ------
@@ -192,6 +193,17 @@ def export_store(
         )
     if exists and dest.is_dir() and (fmt != "zarr" or not _replaceable_folder(dest)):
         raise StoreError(f"{dest}: is a folder that is not a zarr export; refusing to replace it")
+    pt_dest = None
+    if fmt == "h5" and mil_format == "clam":  # CLAM's loader reads pt_files/<slide_id>.pt
+        from .mil import clam_pt_path
+
+        pt_dest = clam_pt_path(dest)
+        _fsops.clean_leftovers(pt_dest, min_age=LEFTOVER_AGE)
+        if (pt_dest.exists() or pt_dest.is_symlink()) and not overwrite:
+            raise OutputExistsError(
+                f"{pt_dest}: already exists (the .pt that goes with {dest.name}); choose "
+                f"another path, or {OVERWRITE_WORDS}"
+            )
     if fmt == "h5" and not store.complete:  # a MIL bag stands for the whole slide
         raise StoreError(
             f"{store.path}: the store is incomplete ({store.state_text()}); a MIL feature file "
@@ -218,11 +230,17 @@ def export_store(
     )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fsops.temp_path(dest)
+    pt_tmp = None
     try:
         if fmt == "h5":
-            from .mil import write_h5
+            from .mil import write_h5, write_pt
 
             write_h5(store, tmp, mil_format, provenance=selection.provenance)
+            if pt_dest is not None:
+                pt_dest.parent.mkdir(parents=True, exist_ok=True)
+                pt_tmp = _fsops.temp_path(pt_dest)
+                write_pt(store, pt_tmp)
+                _fsops.publish(pt_tmp, pt_dest)
         elif fmt == "geojson" and objects != "tiles":
             from .qupath import write_objects
 
@@ -238,6 +256,8 @@ def export_store(
         ) from exc
     finally:
         _fsops.remove(tmp)
+        if pt_tmp is not None:
+            _fsops.remove(pt_tmp)
     return dest
 
 

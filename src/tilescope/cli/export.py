@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
             f"wrote {out}: {store.n_done} of {store.n_tiles} tiles; left out {store.n_failed} "
             f"that could not be read and {store.n_todo} not embedded yet"
         )
+    if args.format == "clam" and Path(out).suffix == ".h5":
+        from ..mil import clam_pt_path
+
+        print(f"wrote {clam_pt_path(out)} (CLAM's pt_files: the features as a torch tensor)")
     if args.anonymize:
         print(f"  anonymized: the slide's file name and paths are written as {alias}")
         if Anonymizer.for_store(store).leaks(Path(out).name):
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cohort(args: argparse.Namespace, folder: Path) -> int:
-    from ..mil import export_h5_cohort
+    from ..mil import clam_pt_path, export_h5_cohort
 
     if Path(args.out).suffix.lower() in (".zarr", ".geojson", ".json", ".h5"):
         raise TilescopeError(
@@ -59,6 +63,8 @@ def _cohort(args: argparse.Namespace, folder: Path) -> int:
                               anonymize=args.anonymize)  # fmt: skip
     for path in result.written:
         print(f"wrote {path}")
+        if args.format == "clam":
+            print(f"wrote {clam_pt_path(path)}")
     for store, reason in result.skipped:
         print(f"tilescope: error: {store}: skipped: {reason}", file=sys.stderr)
     print(
@@ -126,7 +132,9 @@ def register(sub: Any) -> None:
         choices=["trident", "clam", "stamp"],
         default="trident",
         help=".h5 layout: trident (default; features + coords in level-0 px, read by TRIDENT "
-        "and CLAM), clam (coords attributes of CLAM's patching) or stamp (feats, coords in µm)",
+        "and CLAM's h5 loader), clam (coords attributes of CLAM's patching, and the features "
+        "also as pt_files/<slide>.pt beside h5_files/, which CLAM's loader reads by default) or "
+        "stamp (feats, coords in µm)",
     )
     p.add_argument(
         "--overwrite",
