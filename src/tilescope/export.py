@@ -211,9 +211,10 @@ def export_store(
         )
     names = store.score_names() if scores is None else list(scores)
     anon = Anonymizer.for_store(store) if anonymize else None
-    score_sets = {name: store.read_scores(name) for name in names}
+    stored_sets = {name: store.read_scores(name) for name in names}
+    score_sets = stored_sets
     if anon is not None:
-        score_sets = {anon.text(k): (a, anon.value(m)) for k, (a, m) in score_sets.items()}
+        score_sets = {anon.text(k): (a, anon.value(m)) for k, (a, m) in stored_sets.items()}
     selection = ExportRows(
         store=store,
         rows=np.flatnonzero(store.done).astype(np.int64),
@@ -244,8 +245,8 @@ def export_store(
         elif fmt == "geojson" and objects != "tiles":
             from .qupath import write_objects
 
-            write_objects(store, tmp, {n: store.read_scores(n) for n in names}, objects=objects,
-                          threshold=threshold, scrub=anon.value if anon else None)  # fmt: skip
+            write_objects(store, tmp, stored_sets, objects=objects, threshold=threshold,
+                          scrub=anon.value if anon else None)  # fmt: skip
         else:
             WRITERS[fmt](selection, tmp, dtype=np.dtype(dtype), anonymized=anonymize)
         _fsops.publish(tmp, dest)  # an old export stays until the new one takes its place
