@@ -272,6 +272,8 @@ class DockContainer(Container):
             def eventFilter(self, obj: Any, event: Any) -> bool:
                 from qtpy.QtCore import QEvent, QTimer
 
+                if "owner" not in self.__dict__:  # a wrapper being torn down (or not yet set)
+                    return False
                 if obj is self.inner and event.type() == QEvent.Type.LayoutRequest:
                     # the scroll area is as wide as its content needs (never clipped)
                     bar = self.scroll.verticalScrollBar().sizeHint().width()
