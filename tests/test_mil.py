@@ -143,3 +143,73 @@ def test_an_embedded_slide_exports_for_trident(synth_05, tmp_path: Path) -> None
         assert f["coords"].attrs["patch_size_level0"] == 224
         assert f["coords"].attrs["level0_magnification"] == 20.0
         assert f["coords"].attrs["level0_width"] == 3072
+
+
+def clam_generic_mil_getitem(data_dir: Path, slide_id: str, use_h5: bool):
+    """What CLAM's ``Generic_MIL_Dataset.__getitem__`` does with a feature folder
+    (dataset_modules/dataset_generic.py): the .pt by default, the .h5 with load_from_h5(True)."""
+    import os
+
+    import torch
+
+    if not use_h5:
+        full_path = os.path.join(data_dir, "pt_files", "{}.pt".format(slide_id))  # noqa: UP032
+        return (torch.load(full_path),)
+    full_path = os.path.join(data_dir, "h5_files", "{}.h5".format(slide_id))  # noqa: UP032
+    with h5py.File(full_path, "r") as hdf5_file:
+        features = hdf5_file["features"][:]
+        coords = hdf5_file["coords"][:]
+    return torch.from_numpy(features), coords
+
+
+def test_clam_format_writes_pt_files_that_clam_loads(tmp_path: Path, capsys) -> None:
+    import torch
+
+    st = store_with_a_failed_tile(tmp_path, 0.2631, slide="TCGA-AA-0003.svs")
+    keep = np.flatnonzero(st.done)
+    feats_dir = tmp_path / "feats"
+    out = feats_dir / "h5_files" / "TCGA-AA-0003.h5"
+    assert main(["export", str(st.path), "-o", str(out), "--format", "clam"]) == 0
+    assert "pt_files/TCGA-AA-0003.pt" in capsys.readouterr().out
+    (features,) = clam_generic_mil_getitem(feats_dir, "TCGA-AA-0003", use_h5=False)
+    assert isinstance(features, torch.Tensor) and features.dtype == torch.float32
+    assert tuple(features.shape) == (len(keep), 12)  # the failed tile is left out
+    np.testing.assert_array_equal(features.numpy(), st.embeddings[keep])
+    from_h5, coords = clam_generic_mil_getitem(feats_dir, "TCGA-AA-0003", use_h5=True)
+    assert torch.equal(from_h5, features)  # the same rows in the same order as the .h5
+    np.testing.assert_array_equal(coords, st.coords[keep])
+    # an .h5 that is not in an h5_files folder gets pt_files/ beside it
+    export_store(st.path, tmp_path / "x" / "s.h5", mil_format="clam")
+    assert (tmp_path / "x" / "pt_files" / "s.pt").is_file()
+    # an existing .pt is kept unless told to overwrite, and nothing is written then
+    (tmp_path / "y" / "pt_files").mkdir(parents=True)
+    (tmp_path / "y" / "pt_files" / "s.pt").write_bytes(b"old")
+    with pytest.raises(StoreError, match=r"pt_files/s.pt: already exists"):
+        export_store(st.path, tmp_path / "y" / "s.h5", mil_format="clam")
+    assert not (tmp_path / "y" / "s.h5").exists()
+    export_store(st.path, tmp_path / "y" / "s.h5", mil_format="clam", overwrite=True)
+    assert torch.equal(torch.load(tmp_path / "y" / "pt_files" / "s.pt"), features)
+    # trident and stamp write no .pt
+    export_store(st.path, tmp_path / "z" / "s.h5")
+    assert not (tmp_path / "z" / "pt_files").exists()
+    assert not [p for p in tmp_path.rglob(".*") if p.suffix != ".lock"]  # no temporaries
+
+
+def test_a_folder_of_stores_exports_clams_feature_folder(tmp_path: Path, capsys) -> None:
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    a = store_with_a_failed_tile(stores, slide="TCGA-AA-0001.svs")
+    b = store_with_a_failed_tile(stores, slide="TCGA-AA-0002.ndpi")
+    out = tmp_path / "clam_feats"
+    assert main(["export", str(stores), "-o", str(out), "--format", "clam"]) == 0
+    assert sorted(p.name for p in (out / "h5_files").iterdir()) == [
+        "TCGA-AA-0001.h5", "TCGA-AA-0002.h5"]  # fmt: skip
+    assert sorted(p.name for p in (out / "pt_files").iterdir()) == [
+        "TCGA-AA-0001.pt", "TCGA-AA-0002.pt"]  # fmt: skip
+    for st in (a, b):
+        slide_id = Path(st.slide_name).stem
+        (features,) = clam_generic_mil_getitem(out, slide_id, use_h5=False)
+        np.testing.assert_array_equal(features.numpy(), st.embeddings[st.done])
+    # -o naming the h5_files folder itself: the same feature folder
+    again = export_h5_cohort(stores, tmp_path / "f2" / "h5_files", fmt="clam")
+    assert len(again.written) == 2 and (tmp_path / "f2" / "pt_files" / "TCGA-AA-0001.pt").exists()

@@ -305,6 +305,88 @@ def test_search_unlike_class_and_errors(qp_path, store, capsys) -> None:
     assert "--region-geojson" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def crc(tmp_path_factory: pytest.TempPathFactory):
+    """The 32 labelled CRC-VAL-HE-7K patches as a slide (`test_classify.crc_mosaic`: class k
+    on grid row k, patches in columns 0-1 and 3-4, glass in column 2), embedded with the small
+    model, and QuPath annotations of each class's two regions: ``full.geojson`` classifies both
+    as the class, ``split.geojson`` the second as "<class> held-out"."""
+    from test_classify import crc_mosaic, qupath_annotations
+
+    tmp = tmp_path_factory.mktemp("crc")
+    slide, regions = crc_mosaic(tmp / "crc.tif")
+    argv = ["embed", str(slide), "-o", str(tmp), "--model", "tiny-random", "--min-tissue", "0"]
+    assert main(argv) == 0
+    st = EmbeddingStore.open(tmp / "crc.zarr")
+    classes = list(regions)
+    label = np.where(st.grid_rc[:, 1] != 2, st.grid_rc[:, 0], -1)  # class index; -1: glass
+    full = qupath_annotations(tmp / "full.geojson", regions)
+    split = {**{c: r[:1] for c, r in regions.items()},
+             **{f"{c} held-out": r[1:] for c, r in regions.items()}}  # fmt: skip
+    return st, classes, label, full, qupath_annotations(tmp / "split.geojson", split)
+
+
+def ranking(capsys, st, ann: Path, like: list[str], unlike: list[str], label, *more: str):
+    """Store rows of the labelled patches in `tilescope search`'s match order."""
+    argv = ["search", str(st.path), "--region-geojson", str(ann), "--json", "-k", "100",
+            "--exact", "--no-index", *more]  # fmt: skip
+    argv += [a for c in like for a in ("--region-class", c)]
+    argv += [a for c in unlike for a in ("--unlike-class", c)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    rows = np.array([m["index"] for m in json.loads(capsys.readouterr().out)["matches"]])
+    return rows[label[rows] >= 0]
+
+
+def mean_rank(order: np.ndarray, rows: np.ndarray) -> float:
+    """Mean position of `rows` in `order` (0: first), as a fraction of the last position."""
+    return float(np.mean([np.flatnonzero(order == r)[0] for r in rows]) / (len(order) - 1))
+
+
+def test_unlike_class_patches_are_ranked_low_on_labelled_patches(crc, capsys) -> None:
+    """For every pair of CRC classes (like A, not like B), with QuPath annotations: B's
+    patches never rise when B is "not like this", and sink for most pairs; with weight 1 they
+    sit in the lower part of the ranking; B's patches that were *not* annotated (held out)
+    sink too. The model is untrained (its features still follow colour and texture), so the
+    bounds leave room below what was measured: 43 of 56 pairs sink at the default weight (the
+    rest keep their ranks), mean position 0.55 (0.50 without), 0.65 at weight 1; held-out
+    patches sink by 62 positions summed over the pairs."""
+    st, classes, label, full, split = crc
+    sunk = 0
+    position, position_w1 = [], []
+    for a, cls_a in enumerate(classes):
+        base = ranking(capsys, st, full, [cls_a], [], label)
+        assert not np.isin(base, np.flatnonzero(label == a)).any()  # the query is no match
+        for b, cls_b in enumerate(classes):
+            if b == a:
+                continue
+            patches_b = np.flatnonzero(label == b)
+            before = mean_rank(base, patches_b)
+            after = mean_rank(ranking(capsys, st, full, [cls_a], [cls_b], label), patches_b)
+            assert after >= before, f"not like {cls_b!r} moved its patches up ({cls_a!r})"
+            sunk += after > before
+            position.append(after)
+    assert sunk >= 36  # of 56 pairs
+    assert np.mean(position) >= 0.53
+    for a, cls_a in enumerate(classes):
+        for b, cls_b in enumerate(classes):
+            if b != a:
+                order = ranking(capsys, st, full, [cls_a], [cls_b], label, "--unlike-weight", "1")
+                position_w1.append(mean_rank(order, np.flatnonzero(label == b)))
+    assert np.mean(position_w1) >= 0.6
+    held_shift = 0.0
+    for a, cls_a in enumerate(classes):
+        like = [cls_a, f"{cls_a} held-out"]
+        base = ranking(capsys, st, split, like, [], label)
+        for b, cls_b in enumerate(classes):
+            if b == a:
+                continue
+            held = np.flatnonzero((label == b) & (st.grid_rc[:, 1] > 2))  # not annotated
+            order = ranking(capsys, st, split, like, [cls_b], label)
+            held_shift += (mean_rank(order, held) - mean_rank(base, held)) * (len(order) - 1)
+    assert held_shift >= 30
+
+
 def test_roi_for_embedding_is_every_annotation_polygon(qp_path, tmp_path) -> None:
     regions = annotation_regions(qp_path)
     assert len(regions) == 3  # tumor, stroma, immune; not the point nor the detection
@@ -328,21 +410,39 @@ def test_embed_roi_is_checked_before_the_model_loads(qp_path, tmp_path, capsys) 
 
 
 def test_embed_roi_embeds_only_the_annotated_tiles(synth_05, tmp_path) -> None:
-    """Needs the engine's `regions=` (tilescope.regions); runs once both branches are merged."""
-    regions_mod = pytest.importorskip("tilescope.regions")
+    """`embed --roi` embeds exactly the tiles whose square shares area with an annotation,
+    checked against shapely's intersection areas (not the code under test). The ROI is laid
+    on synth_05's 224 px grid (origin 0) so that each rule is put to the test: a polygon
+    whose right edge lies on a grid line (the tiles beyond only touch it), a hole that is
+    exactly tile (row 2, col 3) (inside the polygon's outline, left out), and an annotation
+    smaller than a tile (its tile is embedded)."""
     roi = tmp_path / "roi.geojson"
-    box = [[200, 200], [900, 200], [900, 700], [200, 700], [200, 200]]
-    hole = [[400, 350], [700, 350], [700, 550], [400, 550], [400, 350]]
-    roi.write_text(json.dumps({"type": "Polygon", "coordinates": [box, hole]}))
+    outer = [[300, 250], [1120, 250], [1120, 1000], [300, 1000], [300, 250]]
+    hole = [[672, 448], [896, 448], [896, 672], [672, 672], [672, 448]]
+    speck = [[1800, 700], [1810, 700], [1810, 705], [1800, 705], [1800, 700]]
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outer, hole]},
+         "properties": {"objectType": "annotation"}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [speck]},
+         "properties": {"objectType": "annotation"}},
+    ]}))  # fmt: skip
     out = tmp_path / "o"
     argv = ["embed", str(synth_05.path), "-o", str(out), "--model", "tiny-random", "--roi",
             str(roi)]  # fmt: skip
     assert main(argv) == 0
     (store_path,) = out.glob("*.zarr")
-    st = EmbeddingStore.open(store_path)
-    want = regions_mod.tiles_overlapping(st.coords, st.tile_l0, annotation_regions(roi))
-    assert 0 < st.n_done < st.n_tiles
+    st = EmbeddingStore.open(store_path)  # coords: every tissue tile of the grid
+    assert st.tile_l0 == 224.0 and (st.coords % 224 == 0).all()
+    area = shapely.union(Polygon(outer, [hole]), Polygon(speck))
+    shared = [shapely.box(x, y, x + 224, y + 224).intersection(area).area for x, y in st.coords]
+    want = np.flatnonzero(np.asarray(shared) > 0)
     np.testing.assert_array_equal(np.flatnonzero(st.done), want)
+    cells = {(int(y) // 224, int(x) // 224): i for i, (x, y) in enumerate(st.coords)}
+    assert not st.done[cells[(2, 3)]]  # in the hole
+    touching = [cells[(r, 5)] for r in range(1, 5) if (r, 5) in cells]
+    assert touching and not st.done[touching].any()  # only touch the outline
+    assert st.done[cells[(3, 8)]]  # under the speck
+    assert 0 < st.n_done < st.n_tiles
 
 
 def test_detections_without_a_score_set_are_unclassified(tmp_path) -> None:

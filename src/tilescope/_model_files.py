@@ -14,11 +14,12 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, WeightsNotFoundError
+from .offline import is_offline, offline_reason
 
 TINY_NAME = "tiny-random"
 DEFAULT_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -61,6 +62,8 @@ class ModelFiles:
     weights: Path
     text_cfg: dict[str, Any] | None  # text_cfg override with a local hf_model_name, or None
     tokenizer_dir: Path | None  # None: open_clip.get_tokenizer(open_clip_name) as is
+    #: more keyword arguments for ``create_model_from_pretrained`` (a built-in's preprocessing)
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def weights_help(model_id: str) -> str:
@@ -70,7 +73,8 @@ def weights_help(model_id: str) -> str:
     return (
         "Ways to supply the weights:\n"
         f"  1. connect to the internet once and run again{fetch}: files are cached and "
-        "used offline from then on (set HF_HUB_OFFLINE=1 to never touch the network);\n"
+        "used offline from then on (set HF_HUB_OFFLINE=1 or TILESCOPE_OFFLINE=1 to never touch "
+        "the network);\n"
         "  2. point HF_HOME or HF_HUB_CACHE at a Hugging Face cache that holds the model "
         f"(now looking in {hub_settings()[0]});\n"
         "  3. pass a folder with a downloaded snapshot: --model /path/to/folder (see the README, "
@@ -94,11 +98,12 @@ def hub_settings() -> tuple[str, bool]:
         home = env.get("HF_HOME") or os.path.join(env["XDG_CACHE_HOME"], "huggingface")
         cache = os.path.join(home, "hub")
     cache = os.path.expanduser(os.path.expandvars(cache or constants.HF_HUB_CACHE))
-    flags = (env.get("HF_HUB_OFFLINE", ""), env.get("TRANSFORMERS_OFFLINE", ""))
-    offline = constants.HF_HUB_OFFLINE or any(
-        f.upper() in ("1", "ON", "YES", "TRUE") for f in flags
-    )
-    return cache, bool(offline)
+    return cache, bool(constants.HF_HUB_OFFLINE or is_offline())
+
+
+def offline_why() -> str:
+    """What turned downloads off, for messages: ``TILESCOPE_OFFLINE=1``, ``HF_HUB_OFFLINE=1``."""
+    return offline_reason() or "HF_HUB_OFFLINE"
 
 
 def parse_model_name(name: str) -> ModelSpec:
@@ -234,15 +239,52 @@ def _locate_builtin(spec: ModelSpec, hub: _Hub) -> ModelFiles:
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     cfg = open_clip.get_model_config(spec.target)
-    try:
-        weights = Path(download_pretrained(get_pretrained_cfg(spec.target, spec.tag or "")))
-    except Exception as exc:  # network or cache failure inside open_clip / huggingface_hub
-        raise missing(spec.model_id, f"its weights could not be fetched ({exc})") from exc
+    pretrained_cfg = get_pretrained_cfg(spec.target, spec.tag or "")
+    if hub.offline:  # open_clip would download what is not cached: look in the caches only
+        weights = _cached_builtin_weights(spec, pretrained_cfg, hub)
+    else:
+        try:
+            weights = Path(download_pretrained(pretrained_cfg))
+        except Exception as exc:  # network or cache failure inside open_clip / huggingface_hub
+            raise missing(spec.model_id, f"its weights could not be fetched ({exc})") from exc
     if not weights.is_file():
         raise missing(spec.model_id, "its weights file was not found")
     text_cfg = _text_override(cfg, None, spec.model_id, hub)
     tok = _tokenizer_dir(cfg, spec.model_id, hub, local=[])
-    return ModelFiles(spec, spec.target, spec.tag, cfg, weights, text_cfg, tok)
+    # open_clip is handed the file found here (given a tag, it would look it up, online, again),
+    # with the preprocessing and activation the tag sets
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+            "resize_mode": "image_resize_mode"}  # fmt: skip
+    kwargs = {arg: pretrained_cfg[k] for k, arg in keys.items() if pretrained_cfg.get(k)}
+    if pretrained_cfg.get("quick_gelu"):
+        kwargs["force_quick_gelu"] = True
+    return ModelFiles(spec, spec.target, str(weights), cfg, weights, text_cfg, tok, kwargs)
+
+
+def _cached_builtin_weights(spec: ModelSpec, pretrained_cfg: dict[str, Any], hub: _Hub) -> Path:
+    """The weights of an open_clip built-in from the local caches only (offline), as
+    ``open_clip.pretrained.download_pretrained`` would find them, without its download."""
+    from open_clip.pretrained import _get_safe_alternatives
+
+    if pretrained_cfg.get("file"):
+        return Path(pretrained_cfg["file"])
+    if pretrained_cfg.get("hf_hub"):
+        repo, name = os.path.split(pretrained_cfg["hf_hub"])
+        name = name or "open_clip_pytorch_model.bin"
+        why = "not cached"
+        for candidate in (*_get_safe_alternatives(name), name):
+            path, why = hub.file(repo, candidate)
+            if path is not None:
+                return path
+        raise missing(spec.model_id, f"its weights ({repo}/{name}) are {why}")
+    url = str(pretrained_cfg.get("url", ""))
+    path = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+    if url and path.is_file():
+        return path
+    raise missing(
+        spec.model_id, f"its weights are not in open_clip's cache ({path}), and downloads are "
+        f"off ({offline_why()})"
+    )  # fmt: skip
 
 
 class _Hub:
@@ -260,7 +302,7 @@ class _Hub:
             path, why = self.lookup(repo, filename, online=True)
         if why == "not cached":
             why = f"not in the Hugging Face cache ({self.cache}), and " + (
-                "downloads are off (HF_HUB_OFFLINE)" if self.offline else self.unreachable
+                f"downloads are off ({offline_why()})" if self.offline else self.unreachable
             )
         return path, why
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TilescopeError, WeightsNotFoundError
+from .errors import WeightsNotFoundError
 
 DEFAULT_PROMPTS = """\
 tumor: invasive carcinoma; malignant epithelium
@@ -58,22 +58,17 @@ class DemoResult:
 
 
 def demo_slide(explicit: str | None = None, workdir: Path | None = None) -> Path:
-    """The slide to show: `explicit`, else the sample slide (env var, cache, or download),
-    else a synthetic slide written to `workdir` when the sample cannot be had (offline)."""
-    from .sample import sample_slide_path
+    """The slide to show: `explicit`, else the sample slide (env var, cache, or download unless
+    offline), else a synthetic slide written to `workdir` when the sample cannot be had (offline:
+    ``TILESCOPE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``, or unreachable), with a notice."""
+    from .sample import sample_or_synthetic
 
     if explicit:
         return Path(explicit)
-    try:
-        return sample_slide_path()
-    except TilescopeError as exc:
-        from .synthetic import SyntheticSlide
-
-        target = (workdir or Path.cwd()) / "synthetic-demo-slide.tif"
-        print(f"NOTICE: {exc}\nUsing a synthetic slide instead: {target}", file=sys.stderr)
-        if not target.exists():
-            SyntheticSlide.with_random_blobs(4096, 3072, mpp=0.5, n=5, seed=1).write(target)
-        return target
+    slide, why = sample_or_synthetic(workdir or Path.cwd())
+    if why:
+        print(f"NOTICE: {why}", file=sys.stderr)
+    return slide
 
 
 def demo_encoder(model: str | None = None, device: str | None = None) -> Any:
@@ -84,8 +79,9 @@ def demo_encoder(model: str | None = None, device: str | None = None) -> Any:
         return load_encoder(model, device=device)
     try:
         return load_encoder(DEFAULT_MODEL, device=device)
-    except WeightsNotFoundError:
-        print("\n" + "!" * 80 + "\n" + UNTRAINED_BANNER + "\n" + "!" * 80 + "\n", file=sys.stderr)
+    except WeightsNotFoundError as exc:  # its message says where it looked and how to fix it
+        bar = "!" * 80
+        print(f"\n{bar}\n{UNTRAINED_BANNER}\n\n{exc}\n{bar}\n", file=sys.stderr)
         return load_encoder(TINY_MODEL, device=device)
 
 

@@ -29,8 +29,12 @@ measurements named ``"<score set>: <class> [UNTRAINED]"``. Features carry no ``i
 reads an id as an object UUID).
 
 Privacy: nothing from associated images (label, macro) is ever exported (the store holds
-none). The provenance holds the slide's file name, which often carries an accession number:
-``anonymize=True`` replaces it by ``slide-<12 hex of its header digest>``.
+none). The provenance holds the slide's file name, which often carries an accession number, and
+score sets may record file names too (a classifier's training slide, store and annotation
+file): ``anonymize=True`` replaces the slide's file name, its stem, the store's name and the
+paths of the store and its folder, wherever they occur in what is written (provenance, score
+set names and metadata, QuPath object properties, HDF5 attributes), by
+``slide-<12 hex of its header digest>`` (see `tilescope.anonymize`).
 
 The output's suffix says its format (`FORMATS`); other suffixes are refused. Its parent
 folder is created. Outputs are written under a temporary name and put in place when complete
@@ -50,7 +54,6 @@ name and renamed into place when complete; an embedding store is never replaced,
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,6 +67,7 @@ from zarr.storage import LocalStore
 
 from . import _fsops
 from ._signature import jsonable
+from .anonymize import Anonymizer
 from .errors import OVERWRITE_WORDS, OutputExistsError, StoreError
 from .store import FORMAT_NAME, EmbeddingStore
 
@@ -138,7 +142,8 @@ def export_store(
         Replace an existing export at `out` (a zarr group, or a file for GeoJSON). An
         embedding store, or a folder that is not a zarr group, is never replaced.
     anonymize
-        Replace the slide's file name in the provenance by a digest.
+        Write no slide path, file name or stem anywhere: they are replaced by
+        ``slide-<12 hex>`` (`tilescope.anonymize`). The name of `out` is the caller's choice.
     objects
         GeoJSON only: "tiles" (one tile object per tile), "detections" (QuPath detections
         per embedded tile, classified by the score set when there is exactly one) or
@@ -146,8 +151,9 @@ def export_store(
     threshold
         Annotations: the value a tile needs to belong to a class's region.
     mil_format
-        ``.h5`` only: "trident" (default, also read by CLAM's MIL loaders), "clam" or
-        "stamp"; see `tilescope.mil`.
+        ``.h5`` only: "trident" (default, also read by CLAM's MIL loaders with
+        ``load_from_h5``), "clam" (also writes CLAM's ``pt_files/<slide_id>.pt``, see
+        `tilescope.mil.clam_pt_path`) or "stamp"; see `tilescope.mil`.
 
     Raises
     ------
@@ -187,17 +193,33 @@ def export_store(
         )
     if exists and dest.is_dir() and (fmt != "zarr" or not _replaceable_folder(dest)):
         raise StoreError(f"{dest}: is a folder that is not a zarr export; refusing to replace it")
+    pt_dest = None
+    if fmt == "h5" and mil_format == "clam":  # CLAM's loader reads pt_files/<slide_id>.pt
+        from .mil import clam_pt_path
+
+        pt_dest = clam_pt_path(dest)
+        _fsops.clean_leftovers(pt_dest, min_age=LEFTOVER_AGE)
+        if (pt_dest.exists() or pt_dest.is_symlink()) and not overwrite:
+            raise OutputExistsError(
+                f"{pt_dest}: already exists (the .pt that goes with {dest.name}); choose "
+                f"another path, or {OVERWRITE_WORDS}"
+            )
     if fmt == "h5" and not store.complete:  # a MIL bag stands for the whole slide
         raise StoreError(
             f"{store.path}: the store is incomplete ({store.state_text()}); a MIL feature file "
             "must hold the whole slide: finish embedding (run the same command again) first"
         )
     names = store.score_names() if scores is None else list(scores)
+    anon = Anonymizer.for_store(store) if anonymize else None
+    stored_sets = {name: store.read_scores(name) for name in names}
+    score_sets = stored_sets
+    if anon is not None:
+        score_sets = {anon.text(k): (a, anon.value(m)) for k, (a, m) in stored_sets.items()}
     selection = ExportRows(
         store=store,
         rows=np.flatnonzero(store.done).astype(np.int64),
-        score_sets={name: store.read_scores(name) for name in names},
-        provenance=_provenance(store, anonymize),
+        score_sets=score_sets,
+        provenance=_provenance(store, anon),
         counts={
             "n_tiles": store.n_tiles,
             "n_exported": store.n_done,
@@ -209,15 +231,22 @@ def export_store(
     )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fsops.temp_path(dest)
+    pt_tmp = None
     try:
         if fmt == "h5":
-            from .mil import write_h5
+            from .mil import write_h5, write_pt
 
             write_h5(store, tmp, mil_format, provenance=selection.provenance)
+            if pt_dest is not None:
+                pt_dest.parent.mkdir(parents=True, exist_ok=True)
+                pt_tmp = _fsops.temp_path(pt_dest)
+                write_pt(store, pt_tmp)
+                _fsops.publish(pt_tmp, pt_dest)
         elif fmt == "geojson" and objects != "tiles":
             from .qupath import write_objects
 
-            write_objects(store, tmp, selection.score_sets, objects=objects, threshold=threshold)
+            write_objects(store, tmp, stored_sets, objects=objects, threshold=threshold,
+                          scrub=anon.value if anon else None)  # fmt: skip
         else:
             WRITERS[fmt](selection, tmp, dtype=np.dtype(dtype), anonymized=anonymize)
         _fsops.publish(tmp, dest)  # an old export stays until the new one takes its place
@@ -228,19 +257,17 @@ def export_store(
         ) from exc
     finally:
         _fsops.remove(tmp)
+        if pt_tmp is not None:
+            _fsops.remove(pt_tmp)
     return dest
 
 
-def _provenance(store: EmbeddingStore, anonymize: bool) -> dict[str, Any]:
+def _provenance(store: EmbeddingStore, anon: Anonymizer | None) -> dict[str, Any]:
     sig = store.signature
-    if anonymize:
-        slide = dict(sig.get("slide") or {})
-        digest = str(slide.get("header_sha256") or "")
-        if not digest:
-            digest = hashlib.sha256(str(slide.get("name", "")).encode()).hexdigest()
-        slide["name"] = f"slide-{digest[:12]}"
-        sig["slide"] = slide
-    return sig
+    if anon is None:
+        return sig
+    sig["slide"] = {**(sig.get("slide") or {}), "name": anon.alias}
+    return dict(anon.value(sig))
 
 
 def _is_embedding_store(path: Path) -> bool:

@@ -9,13 +9,18 @@ Checked against the projects' own code (see the README's "MIL export" for the de
   ``overlap``, ``name``, ``level0_width``, ``level0_height``; ``features.attrs`` ``name``.
   Its slide encoders (TITAN, GigaPath, ...) read ``coords.attrs["patch_size_level0"]``.
   Magnification follows TRIDENT's ``mpp = 10 / magnification``.
-- **CLAM** (``extract_features_fp.py``, ``dataset_modules/dataset_generic.py``): the MIL
-  loaders read only ``features`` and ``coords`` of ``h5_files/<slide_id>.h5``, so the TRIDENT
-  layout serves them as is. ``--format clam`` additionally writes the ``coords`` attributes of
-  CLAM's patching step (``patch_size`` in level-0 px at ``patch_level`` 0, ``downsample``,
-  ``level_dim``, ``downsampled_level_dim``, ``name``) so CLAM's own patch readers
-  (``Whole_Slide_Bag_FP``) re-read the same tissue. The two layouts differ only in what
-  ``coords.attrs["patch_size"]`` means, hence a format switch.
+- **CLAM** (``extract_features_fp.py``, ``dataset_modules/dataset_generic.py``): its feature
+  folder holds ``h5_files/<slide_id>.h5`` (``features``, ``coords``) and
+  ``pt_files/<slide_id>.pt``, the features alone as ``torch.save(torch.from_numpy(features))``
+  (a float32 tensor (N, D)). ``Generic_MIL_Dataset`` reads the ``.pt`` by default
+  (``torch.load(os.path.join(data_dir, 'pt_files', f'{slide_id}.pt'))``) and the ``.h5`` with
+  ``load_from_h5(True)``. ``--format clam`` writes both (`clam_pt_path`: the ``.pt`` goes to
+  ``pt_files/`` beside the ``h5_files/`` folder the ``.h5`` is in, else to ``pt_files/``
+  beside the ``.h5``), and the ``coords`` attributes of CLAM's patching step (``patch_size``
+  in level-0 px at ``patch_level`` 0, ``downsample``, ``level_dim``,
+  ``downsampled_level_dim``, ``name``) so CLAM's own patch readers (``Whole_Slide_Bag_FP``)
+  re-read the same tissue. A folder of stores is exported as CLAM's feature folder:
+  ``OUT/h5_files/`` and ``OUT/pt_files/``.
 - **STAMP** (``stamp/modeling/data.py: get_coords``): datasets ``feats`` (N, D) and ``coords``
   (N, 2) in micrometres, file attributes ``unit`` = "um", ``tile_size_um``, ``tile_size_px``,
   ``feat_type`` = "tile", ``extractor``.
@@ -40,7 +45,10 @@ import numpy as np
 from ._signature import jsonable
 from .errors import StoreError
 
-__all__ = ["MIL_FORMATS", "CohortExport", "export_h5_cohort", "magnification", "write_h5"]
+__all__ = [
+    "MIL_FORMATS", "CohortExport", "clam_pt_path", "export_h5_cohort", "magnification",
+    "write_h5", "write_pt",
+]  # fmt: skip
 
 MILFormat = Literal["trident", "clam", "stamp"]
 MIL_FORMATS: tuple[str, ...] = ("trident", "clam", "stamp")
@@ -153,6 +161,35 @@ def write_h5(
     return n
 
 
+def clam_pt_path(h5_path: str | PathLike[str]) -> Path:
+    """Where CLAM's loader looks for the ``.pt`` of ``h5_path``: ``DIR/pt_files/<id>.pt`` for
+    ``DIR/h5_files/<id>.h5`` (CLAM's feature folder DIR), else ``pt_files/<id>.pt`` beside it."""
+    h5 = Path(h5_path)
+    root = h5.parent.parent if h5.parent.name == "h5_files" else h5.parent
+    return root / "pt_files" / f"{h5.stem}.pt"
+
+
+def write_pt(store: Any, path: str | PathLike[str]) -> int:
+    """Write the embedded tiles' features of `store` to `path` as CLAM's ``pt_files`` hold
+    them: ``torch.save`` of a float32 tensor (N, D), rows in the order of the ``.h5``'s
+    ``features`` (failed tiles left out). Returns N."""
+    import torch
+
+    rows = np.flatnonzero(store.done)
+    feats = np.empty((len(rows), int(store.embed_dim)), dtype=np.float32)
+    chunk, written = int(store.chunk_rows), 0
+    for start in range(0, store.n_tiles, chunk):
+        keep = rows[(rows >= start) & (rows < start + chunk)]
+        if len(keep):
+            feats[written : written + len(keep)] = store.read_embeddings(start, start + chunk)[
+                keep - start
+            ]
+            written += len(keep)
+    with open(path, "wb") as fh:  # a file object: the archive inside is named "archive", not
+        torch.save(torch.from_numpy(feats), fh)  # after the file (which may name the slide)
+    return len(rows)
+
+
 @dataclass
 class CohortExport:
     """What `export_h5_cohort` did: files written, and stores skipped with the reason."""
@@ -168,11 +205,16 @@ def export_h5_cohort(
     fmt: str = "trident",
     overwrite: bool = False,
     recursive: bool = False,
+    anonymize: bool = False,
 ) -> CohortExport:
-    """Export every store in `folder` to ``out_dir/<slide name>.h5`` (one file per slide).
+    """Export every store in `folder` to ``out_dir/<slide name>.h5`` (one file per slide);
+    with ``fmt="clam"``, CLAM's feature folder: ``out_dir/h5_files/<slide name>.h5`` and
+    ``out_dir/pt_files/<slide name>.pt`` (`out_dir` may itself be named ``h5_files``).
 
     File names are the slide's file name without its suffix (the ``slide_id`` CLAM and
-    TRIDENT expect); two stores of slides with one name get the store's name instead. A
+    TRIDENT expect); two stores of slides with one name get the store's name instead. With
+    `anonymize`, files are named by the slide's alias (``slide-<12 hex>``, then ``-2``, ...
+    for two stores of one slide file) and hold no slide name (`tilescope.anonymize`). A
     store that cannot be exported (unfinished, unreadable, an existing file without
     `overwrite`) is skipped and reported; the others are still written.
 
@@ -190,13 +232,19 @@ def export_h5_cohort(
         raise StoreError(f"{src}: no Tilescope embedding stores (*.zarr) in this folder")
     if dest.exists() and not dest.is_dir():
         raise StoreError(f"{dest}: is a file; name a folder for one .h5 file per slide")
-    names = [_slide_stem(p) for p in stores]
+    if fmt == "clam" and dest.name != "h5_files":
+        dest = dest / "h5_files"
+    names = [_slide_stem(p, anonymize) for p in stores]
     result = CohortExport()
-    for store_path, stem in zip(stores, names, strict=True):
-        name = stem if names.count(stem) == 1 else store_path.stem
+    for k, (store_path, stem) in enumerate(zip(stores, names, strict=True)):
+        seen = names[:k].count(stem)  # stores of this slide name (or file) before this one
+        if names.count(stem) == 1 or (anonymize and not seen):
+            name = stem
+        else:
+            name = f"{stem}-{seen + 1}" if anonymize else store_path.stem
         try:
             out = export_store(store_path, dest / f"{name}.h5", mil_format=fmt,  # type: ignore[arg-type]
-                               overwrite=overwrite)  # fmt: skip
+                               overwrite=overwrite, anonymize=anonymize)  # fmt: skip
         except (StoreError, OSError) as exc:
             result.skipped.append((store_path, str(exc)))
         else:
@@ -204,8 +252,11 @@ def export_h5_cohort(
     return result
 
 
-def _slide_stem(store_path: Path) -> str:
+def _slide_stem(store_path: Path, anonymize: bool = False) -> str:
+    from .anonymize import slide_alias
     from .catalog import read_signature
 
     sig = read_signature(store_path) or {}
+    if anonymize:
+        return slide_alias(sig)
     return Path(str(sig.get("slide", {}).get("name") or store_path.stem)).stem

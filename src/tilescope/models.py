@@ -52,7 +52,9 @@ OFFLINE_WEIGHTS_HELP = """\
 ### Using BiomedCLIP offline
 
 Tilescope downloads BiomedCLIP from the Hugging Face hub the first time it is used and works
-offline from the cache afterwards (set `HF_HUB_OFFLINE=1` to make sure nothing is fetched).
+offline from the cache afterwards. Set `TILESCOPE_OFFLINE=1` (or `HF_HUB_OFFLINE=1`) to
+make sure nothing is fetched: models then come from the cache or a folder only, with no lookup
+on the hub, and the sample slide is never downloaded.
 Two hub repositories are involved:
 
 - `microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`: `open_clip_config.json`,
@@ -284,6 +286,7 @@ def _load_torch(name: str, dev: torch.device) -> Encoder:
             device=dev,
             weights_only=True,
             **extra,
+            **found.create_kwargs,
         )
         tokenizer = _tokenizer(found)
     except TilescopeError:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from magicgui.types import FileDialogMode
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton
 
+from ..anonymize import slide_alias
+from ..catalog import read_signature
 from ..export import export_store
 from ._common import DockContainer, start_worker
 from ._messages import StatusLabel, compact_combo, notify_info, report_error
@@ -31,14 +33,17 @@ class ExportRequest:
     fmt: str = "zarr"
     include_scores: bool = True
     overwrite: bool = False
+    anonymize: bool = False
 
 
 class ExportWidget(DockContainer):
     """Export the embeddings (and saved scores) of the chosen slide for other tools.
 
     Parts: ``_slide``, ``_store`` (store picker), ``_out``, ``_dtype``, ``_format``,
-    ``_scores``, ``_overwrite``, ``_run``, ``_status``. ``synchronous = True`` runs the button
-    inline (tests).
+    ``_scores``, ``_anonymize``, ``_overwrite``, ``_run``, ``_status``. ``synchronous = True``
+    runs the button inline (tests). With ``_anonymize`` ticked the export holds no slide file
+    name, stem or path (`tilescope.anonymize`) and the suggested output is named by the
+    slide's alias (``slide-<12 hex>``) instead of the slide.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -53,12 +58,17 @@ class ExportWidget(DockContainer):
         self._dtype = ComboBox(label="dtype", choices=["float16", "float32"], value="float16")
         self._out = FileEdit(label="output", mode=FileDialogMode.OPTIONAL_FILE)
         self._scores = CheckBox(text="include saved scores", value=True)
+        self._anonymize = CheckBox(text="anonymize (no slide name or path in the output)")
+        self._anonymize.tooltip = (
+            "Slide file names often hold accession numbers: the slide's name, its stem and "
+            "the store's paths are written as slide-<digest>, and the output is named so."
+        )
         self._overwrite = CheckBox(text="overwrite an existing output")
         self._run = PushButton(text="Export")
         self._status = StatusLabel()
         self.extend(
             [self._slide, self._store, self._format, self._dtype, self._out, self._scores,
-             self._overwrite, self._run, self._status]
+             self._anonymize, self._overwrite, self._run, self._status]
         )  # fmt: skip
         self._suggested: Path | None = None
         self._store.on_error = self._on_error
@@ -66,6 +76,7 @@ class ExportWidget(DockContainer):
         self._slide.changed.connect(self._store.set_slide)
         self._store.changed.connect(self._suggest_out)
         self._format.changed.connect(self._suggest_out)
+        self._anonymize.changed.connect(self._suggest_out)
         self._format.changed.connect(self._sync_enabled)
         viewer.layers.events.inserted.connect(self._slide.reset_choices)
         viewer.layers.events.removed.connect(self._slide.reset_choices)
@@ -77,7 +88,8 @@ class ExportWidget(DockContainer):
         self._dtype.enabled = self._format.value == "zarr"
 
     def _suggest_out(self, _: Any = None) -> None:
-        """Propose ``<store folder>/exports/<slide>.<fmt>`` unless the user chose a path."""
+        """Propose ``<store folder>/exports/<slide>.<fmt>`` (``slide-<12 hex>.<fmt>`` when
+        anonymised) unless the user chose a path."""
         current = Path(str(self._out.value)) if str(self._out.value) not in ("", ".") else None
         if current is not None and current != self._suggested:
             if current.suffix in SUFFIX.values():  # keep the user's path, follow the format
@@ -87,6 +99,9 @@ class ExportWidget(DockContainer):
         if store is None:
             return
         stem = store.name.removesuffix(".zarr")  # in a subfolder: not taken for a store when
+        if self._anonymize.value:
+            sig = read_signature(store)
+            stem = slide_alias(sig) if sig else "anonymized"
         exports = store.parent / "exports"  # the stores' folder is searched
         self._suggested = exports / f"{stem}{SUFFIX[str(self._format.value)]}"
         self._out.value = self._suggested
@@ -102,13 +117,14 @@ class ExportWidget(DockContainer):
         out = Path(str(self._out.value))
         return ExportRequest(
             store, out, str(self._dtype.value), str(self._format.value),
-            bool(self._scores.value), bool(self._overwrite.value),
+            bool(self._scores.value), bool(self._overwrite.value), bool(self._anonymize.value),
         )  # fmt: skip
 
     def compute(self, req: ExportRequest) -> Path:
         return export_store(  # creates the output's folder
             req.store_path, req.out, dtype=req.dtype, fmt=req.fmt,  # type: ignore[arg-type]
             scores=None if req.include_scores else [], overwrite=req.overwrite,
+            anonymize=req.anonymize,
         )  # fmt: skip
 
     def apply(self, out: Path) -> None:

@@ -12,6 +12,7 @@ from ._common import EXIT_ERROR, OVERWRITE_FLAG, describe
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..anonymize import Anonymizer, slide_alias
     from ..catalog import read_signature
     from ..export import export_store
     from ..store import EmbeddingStore
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     except TilescopeError as exc:
         raise TilescopeError(describe(exc, overwrite=OVERWRITE_FLAG)) from exc
     store = EmbeddingStore.open(args.store)
+    alias = slide_alias(store.signature)
     if store.n_done == store.n_tiles:
         print(f"wrote {out} (all {store.n_tiles} tiles)")
     else:
@@ -35,13 +37,20 @@ def run(args: argparse.Namespace) -> int:
             f"wrote {out}: {store.n_done} of {store.n_tiles} tiles; left out {store.n_failed} "
             f"that could not be read and {store.n_todo} not embedded yet"
         )
+    if args.format == "clam" and Path(out).suffix == ".h5":
+        from ..mil import clam_pt_path
+
+        print(f"wrote {clam_pt_path(out)} (CLAM's pt_files: the features as a torch tensor)")
     if args.anonymize:
-        print("  the slide's file name is replaced by a digest of its content")
+        print(f"  anonymized: the slide's file name and paths are written as {alias}")
+        if Anonymizer.for_store(store).leaks(Path(out).name):
+            print(f"  NOTE: the output's own name ({Path(out).name}) contains the slide's name; "
+                  f"rename it (e.g. {alias}{Path(out).suffix}) before sharing it")  # fmt: skip
     return 0
 
 
 def _cohort(args: argparse.Namespace, folder: Path) -> int:
-    from ..mil import export_h5_cohort
+    from ..mil import clam_pt_path, export_h5_cohort
 
     if Path(args.out).suffix.lower() in (".zarr", ".geojson", ".json", ".h5"):
         raise TilescopeError(
@@ -50,9 +59,12 @@ def _cohort(args: argparse.Namespace, folder: Path) -> int:
         )
     if args.objects != "tiles" or args.scores:
         raise TilescopeError("--as and --scores apply to one store; a folder exports .h5 files")
-    result = export_h5_cohort(folder, args.out, fmt=args.format, overwrite=args.overwrite)
+    result = export_h5_cohort(folder, args.out, fmt=args.format, overwrite=args.overwrite,
+                              anonymize=args.anonymize)  # fmt: skip
     for path in result.written:
         print(f"wrote {path}")
+        if args.format == "clam":
+            print(f"wrote {clam_pt_path(path)}")
     for store, reason in result.skipped:
         print(f"tilescope: error: {store}: skipped: {reason}", file=sys.stderr)
     print(
@@ -120,7 +132,9 @@ def register(sub: Any) -> None:
         choices=["trident", "clam", "stamp"],
         default="trident",
         help=".h5 layout: trident (default; features + coords in level-0 px, read by TRIDENT "
-        "and CLAM), clam (coords attributes of CLAM's patching) or stamp (feats, coords in µm)",
+        "and CLAM's h5 loader), clam (coords attributes of CLAM's patching, and the features "
+        "also as pt_files/<slide>.pt beside h5_files/, which CLAM's loader reads by default) or "
+        "stamp (feats, coords in µm)",
     )
     p.add_argument(
         "--overwrite",
@@ -130,7 +144,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--anonymize",
         action="store_true",
-        help="replace the slide's file name (which often holds an accession number) by a "
-        "digest in the export's provenance",
+        help="write no slide file name, stem or path (which often hold an accession number) "
+        "anywhere in the export: they become slide-<digest>; a folder's .h5 files are named so",
     )
     p.set_defaults(func=run)

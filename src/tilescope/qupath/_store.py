@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,12 +205,14 @@ def write_objects(
     *,
     objects: str,
     threshold: float = 0.5,
+    scrub: Callable[[Any], Any] | None = None,
 ) -> int:
     """Write a store's QuPath objects to `path` (a FeatureCollection); returns their count.
 
     ``objects="annotations"``: class regions of the one score set in `score_sets`
     (`score_annotations`); ``"detections"``: one detection per embedded tile
-    (`tile_features`), classified by the score set when exactly one is given.
+    (`tile_features`), classified by the score set when exactly one is given. `scrub` maps
+    each feature before it is written (an anonymised export: `tilescope.anonymize`).
 
     Raises
     ------
@@ -225,11 +227,13 @@ def write_objects(
                 f"--scores NAME (score sets: {have})"
             )
         (name,) = score_sets
-        return write_feature_collection(path, score_annotations(store, name, threshold=threshold))
-    if objects == "detections":
+        features: Iterable[Any] = score_annotations(store, name, threshold=threshold)
+    elif objects == "detections":
         one = next(iter(score_sets)) if len(score_sets) == 1 else None
-        return write_feature_collection(path, tile_features(store, score_sets, classify_by=one))
-    raise AnnotationError(f"unknown QuPath object kind {objects!r}: annotations or detections")
+        features = tile_features(store, score_sets, classify_by=one)
+    else:
+        raise AnnotationError(f"unknown QuPath object kind {objects!r}: annotations or detections")
+    return write_feature_collection(path, map(scrub, features) if scrub else features)
 
 
 def geojson_query_rows(
