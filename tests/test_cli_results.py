@@ -136,8 +136,10 @@ def ring(x0, y0, x1, y1):
 
 def test_score_draws_a_classifiers_saved_scores(slide_store, tmp_path, capsys):
     slide, store = slide_store
-    ann = annotations(tmp_path / "a.geojson", {"left": [ring(0, 0, 448, 1344)],
-                                                "right": [ring(1344, 0, 1792, 1344)]})
+    ann = annotations(
+        tmp_path / "a.geojson",
+        {"left": [ring(0, 0, 448, 1344)], "right": [ring(1344, 0, 1792, 1344)]},
+    )
     assert main(["classify", str(store), "--train", ann, "--save", "tissue"]) == 0
     capsys.readouterr()
     png = tmp_path / "tissue.png"

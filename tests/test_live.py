@@ -32,8 +32,15 @@ def test_scores_grow_batch_by_batch_to_those_of_the_whole_store(synth_05, tiny_e
     schedule = TileSchedule()
     schedule.prioritize_view((300.0, 300.0, 1100.0, 900.0))
     stop = []
-    gen = iter_embed_slide(synth_05.path, tmp_path / "p.zarr", encoder=enc, batch_size=8,
-                           order=schedule, num_workers=0, should_stop=lambda: bool(stop))
+    gen = iter_embed_slide(
+        synth_05.path,
+        tmp_path / "p.zarr",
+        encoder=enc,
+        batch_size=8,
+        order=schedule,
+        num_workers=0,
+        should_stop=lambda: bool(stop),
+    )
     live = None
     seen: list[int] = []
     for report in gen:

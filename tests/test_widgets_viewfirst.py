@@ -114,8 +114,10 @@ def wait_rows(qtbot: Any, rec: Recorder, n: int, embed: Any = None) -> None:
     try:
         qtbot.waitUntil(lambda: len(rec.rows) >= n, timeout=60_000)
     except Exception:
-        raise AssertionError(f"{len(rec.rows)} rows; {embed and embed._status.value!r}; "
-                             f"{[e.kind for e in rec.events]}") from None
+        raise AssertionError(
+            f"{len(rec.rows)} rows; {embed and embed._status.value!r}; "
+            f"{[e.kind for e in rec.events]}"
+        ) from None
 
 
 def test_the_view_first_then_the_order_follows_the_camera(setup, qtbot):

@@ -382,6 +382,7 @@ def embed_slide(
     except StopIteration as stop:
         return stop.value
 
+
 def embed_slides(
     slide_paths: Sequence[str | PathLike[str]],
     out_dir: str | PathLike[str],

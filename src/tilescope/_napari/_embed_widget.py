@@ -349,4 +349,3 @@ class EmbedWidget(EmbedModes, DockContainer):
     def _set_running(self, running: bool) -> None:
         self._run.enabled = not running
         self._cancel.enabled = running
-

@@ -313,8 +313,14 @@ class PromptHeatmapWidget(LiveFollower, DockContainer):
             return  # the slide was closed
         req = replace(req, frame=SlideFrame.of_layer(layer), store_path=self._live_store,
                       save_as=None)  # fmt: skip
-        result = build_result(req, live, last.geometry, trained=last.trained,
-                              model_label=last.model_label, complete=self._live_complete)
+        result = build_result(
+            req,
+            live,
+            last.geometry,
+            trained=last.trained,
+            model_label=last.model_label,
+            complete=self._live_complete,
+        )
         self.apply(result, live=True)
 
     def _on_error(self, exc: BaseException) -> None:
