@@ -65,6 +65,21 @@ def parse_box(text: str, flag: str = "--region") -> list[list[float]]:
     return [[x, y], [x + w, y + h]]
 
 
+def check_save_name(args: argparse.Namespace, what: str) -> None:
+    """``--save NAME``, if given, names a score set the store can hold (checked before work)."""
+    if args.save is None:
+        return
+    from .._store_scores import check_score_name
+
+    try:
+        check_score_name(Path(args.store), args.save)
+    except TilescopeError:
+        raise TilescopeError(
+            f"--save {args.save!r}: a name for {what} must be non-empty and use only "
+            "A-Z a-z 0-9 _ . - (not starting with . or -)"
+        ) from None
+
+
 def require_slide_for_png(args: argparse.Namespace) -> None:
     """Refuse `--png` without `--slide`, or to a file not named .png, before any work is done
     (or saved)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 from ..errors import TilescopeError
 from . import _score_cohort, _score_saved
 from ._common import (
     add_png_args,
+    check_save_name,
     positive_int,
     require_slide_for_png,
     require_store_slide,
@@ -38,7 +38,6 @@ def check_classes(items: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._store_scores import check_score_name
     from ..live import coverage_text
     from ..models import load_encoder_for_store
     from ..score import PromptSet, save_scores, score_store
@@ -58,14 +57,7 @@ def run(args: argparse.Namespace) -> int:
     # everything a user typed is checked before the model loads and before any work
     require_slide_for_png(args)
     check_classes(args.classes)
-    if args.save is not None:
-        try:
-            check_score_name(Path(args.store), args.save)
-        except TilescopeError:
-            raise TilescopeError(
-                f"--save {args.save!r}: a name for the scores must be non-empty and use only "
-                "A-Z a-z 0-9 _ . - (not starting with . or -)"
-            ) from None
+    check_save_name(args, "the scores")
     store = EmbeddingStore.open(args.store)
     require_store_slide(args, store)
     prompts = PromptSet.parse(args.classes, templates=args.template or ("{}",))

@@ -12,6 +12,7 @@ from ..errors import TilescopeError
 from ..search import NEG_WEIGHT
 from ._common import (
     add_png_args,
+    check_save_name,
     parse_box,
     positive_int,
     require_slide_for_png,
@@ -133,16 +134,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise TilescopeError(f"--geojson {out}: the matches are GeoJSON; name it ….geojson")
         if out.is_dir():
             raise TilescopeError(f"--geojson {out}: is a folder; name a .geojson file")
-    if args.save is not None:
-        from .._store_scores import check_score_name
-
-        try:
-            check_score_name(Path(args.store), args.save)
-        except TilescopeError:
-            raise TilescopeError(
-                f"--save {args.save!r}: a name for the similarity map must be non-empty and "
-                "use only A-Z a-z 0-9 _ . - (not starting with . or -)"
-            ) from None
+    check_save_name(args, "the similarity map")
 
 
 def _write_outputs(args: argparse.Namespace, store: Any, query: Any, pos: Any, neg: Any,
