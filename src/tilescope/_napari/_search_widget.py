@@ -132,7 +132,7 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         positive = row(self._positive, self._positive_class, labels=True)
         positive.label, self._positive.label, self._positive_class.label = "like this", "", ""
         negative = row(self._negative, self._negative_class, self._neg_weight, labels=True)
-        negative.label, self._negative.label, self._negative_class.label = "not like this", "", ""
+        negative.label, self._negative.label, self._negative_class.label = "unlike this", "", ""
         k = row(self._k, self._zoom, labels=True)
         k.label, self._k.label, self._zoom.label = "matches", "", ""
         other = row(self._per_slide, self._search_folder, self._cancel_folder, labels=True)
