@@ -71,3 +71,30 @@ def notifications() -> list[str]:
     from napari.utils.notifications import notification_manager
 
     return [str(n.message) for n in notification_manager.records]
+
+
+def watch_bars(prefix: str) -> tuple[list[tuple[int, int]], object]:
+    """(values, disconnect): every (value, total) an activity-panel bar named `prefix...` shows."""
+    from napari.utils import progress
+
+    values: list[tuple[int, int]] = []
+
+    def watch(bar):
+        def on_value(event):
+            values.append((event.value, bar.total))
+
+        return on_value
+
+    def on_change(event):
+        for bar in event.added:
+            if str(bar.desc).startswith(prefix):
+                bar.events.value.connect(watch(bar))
+
+    progress._all_instances.events.changed.connect(on_change)
+    return values, lambda: progress._all_instances.events.changed.disconnect(on_change)
+
+
+def no_bar_left(prefix: str) -> bool:
+    from napari.utils import progress
+
+    return not [b for b in progress._all_instances if str(b.desc).startswith(prefix)]

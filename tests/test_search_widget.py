@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from napari_helpers import assert_fits, dock, settle, shown_viewer, world_of_l0
+from napari_helpers import (
+    assert_fits,
+    dock,
+    no_bar_left,
+    settle,
+    shown_viewer,
+    watch_bars,
+    world_of_l0,
+)
 from synthetic_stores import full_grid, grid_store, unit_rows
 
 from tilescope._napari import _stores
@@ -108,33 +116,6 @@ def core_search(widget, cohort: Path, k: int, per_slide: int | None = None):
 
 def table(widget) -> list[list]:
     return [list(r) for r in widget._results.data]
-
-
-def watch_bars(prefix: str) -> tuple[list[tuple[int, int]], object]:
-    """(values, disconnect): every (value, total) an activity-panel bar named `prefix...` shows."""
-    from napari.utils import progress
-
-    values: list[tuple[int, int]] = []
-
-    def watch(bar):
-        def on_value(event):
-            values.append((event.value, bar.total))
-
-        return on_value
-
-    def on_change(event):
-        for bar in event.added:
-            if str(bar.desc).startswith(prefix):
-                bar.events.value.connect(watch(bar))
-
-    progress._all_instances.events.changed.connect(on_change)
-    return values, lambda: progress._all_instances.events.changed.disconnect(on_change)
-
-
-def no_bar_left(prefix: str) -> bool:
-    from napari.utils import progress
-
-    return not [b for b in progress._all_instances if str(b.desc).startswith(prefix)]
 
 
 # -- results ------------------------------------------------------------------------------------

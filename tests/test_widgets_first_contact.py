@@ -22,9 +22,11 @@ from napari_helpers import (
     assert_fits,
     cell_value,
     dock,
+    no_bar_left,
     notifications,
     settle,
     shown_viewer,
+    watch_bars,
     world_of_l0,
 )
 
@@ -116,7 +118,6 @@ def test_long_errors_keep_the_window_and_name_the_widgets_fields(
 
 # -- progress -------------------------------------------------------------------------------------
 def test_progress_bar_reaches_its_total_and_no_bar_is_left(make_napari_viewer, qtbot, tmp_path):
-    from napari.utils import progress
 
     slide = synthetic(tmp_path / "p.tif", 6)
     viewer = shown_viewer(make_napari_viewer)
@@ -125,20 +126,7 @@ def test_progress_bar_reaches_its_total_and_no_bar_is_left(make_napari_viewer, q
     embed._model.value = "tiny-random"
     embed._tile.value = 64  # small tiles: several batches of 16
     embed._out_dir.value = tmp_path / "stores"
-    values: list[tuple[int, int]] = []
-
-    def watch(bar):
-        def on_value(event):
-            values.append((event.value, bar.total))
-
-        return on_value
-
-    def on_change(event):
-        for bar in event.added:
-            if str(bar.desc).startswith("Embedding"):
-                bar.events.value.connect(watch(bar))
-
-    progress._all_instances.events.changed.connect(on_change)
+    values, disconnect = watch_bars("Embedding")
     try:
         embed._run.native.click()
         qtbot.waitUntil(lambda: embed._run.enabled, timeout=120_000)
@@ -153,8 +141,8 @@ def test_progress_bar_reaches_its_total_and_no_bar_is_left(make_napari_viewer, q
         qtbot.waitUntil(lambda: embed._run.enabled, timeout=60_000)
         settle()
     finally:
-        progress._all_instances.events.changed.disconnect(on_change)
-    assert not [b for b in progress._all_instances if str(b.desc).startswith("Embedding")]
+        disconnect()
+    assert no_bar_left("Embedding")
     final = embed._status.value
     late = EmbedProgress("p.tif", "embedding", 3, n, 1.0, 0.0)
     embed._on_progress(embed._active, late)  # a report arriving after the run ended
