@@ -56,7 +56,7 @@ from ._layers import (
 )
 from ._live import HUB, LiveFollower
 from ._messages import StatusLabel, compact_combo, notify_warning, report_error, wrapping
-from ._slides import no_slide_error, slide_choices, slide_layers, watch_viewer
+from ._slides import layer_of_file, no_slide_error, slide_choices, watch_viewer
 from ._stores import StorePicker
 
 if TYPE_CHECKING:
@@ -307,8 +307,7 @@ class PromptHeatmapWidget(LiveFollower, DockContainer):
         live, req, last = self._live_obj, self._live_req, self.last_result
         if live is None or req is None or last is None or last.geometry is None or self._busy:
             return
-        layer = next((ly for ly in slide_layers(self._viewer)
-                      if ly.metadata["tilescope"]["path"] == req.frame.path), None)  # fmt: skip
+        layer = layer_of_file(self._viewer, Path(req.frame.path))
         if layer is None:
             return  # the slide was closed
         req = replace(req, frame=SlideFrame.of_layer(layer), store_path=self._live_store,

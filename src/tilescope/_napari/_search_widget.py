@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from ._search_layers import ROLE, SearchRequest, SearchResult, search_result, se
 from ._search_other import FOLDER_ROLE, OtherSlides, fit_columns
 from ._search_query import class_choices, has_classes, query_regions
 from ._slides import (
+    layer_of_file,
     no_slide_error,
     slide_choices,
     slide_layers,
@@ -393,8 +395,7 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         live, req, last = self._live_obj, self._live_req, self.last_result
         if live is None or req is None or last is None or last.facts is None or self._searching:
             return
-        layer = next((ly for ly in slide_layers(self._viewer)
-                      if ly.metadata["tilescope"]["path"] == req.frame.path), None)  # fmt: skip
+        layer = layer_of_file(self._viewer, Path(req.frame.path))
         if layer is None:
             return
         req = replace(req, frame=SlideFrame.of_layer(layer), store_path=self._live_store)
