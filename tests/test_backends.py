@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,23 @@ def real_tiles() -> np.ndarray:
 def tiny_ov():
     """tiny-random on OpenVINO (the session's cache folder: see model_fixtures.py)."""
     return load_encoder("tiny-random", device="cpu", backend="openvino")
+
+
+def test_require_openvino_waits_for_an_import_in_another_thread(monkeypatch):
+    """While one thread imports OpenVINO, `sys.modules` holds the half-made module: another
+    thread (the heatmap's encoder load beside Embed's) must wait for it, not get a module
+    without ``Core`` ("partially initialized module 'openvino' has no attribute 'Core'")."""
+    real = _openvino.require_openvino()
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(_openvino.require_openvino()))
+    with _openvino._CONVERT_LOCK:  # as the importing thread holds it
+        monkeypatch.setitem(sys.modules, "openvino", types.ModuleType("openvino"))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not got, "took the half-imported module"
+        sys.modules["openvino"] = real
+    worker.join(10)
+    assert got == [real]
 
 
 def test_openvino_matches_torch_fp32_tiny_on_real_tiles(tiny_encoder, tiny_ov, real_tiles):

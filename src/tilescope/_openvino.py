@@ -68,9 +68,9 @@ def require_openvino() -> Any:
     event unless the user opted out (see `_no_telemetry`).
     """
     try:
-        if "openvino" in sys.modules and sys.modules["openvino"] is not None:
-            return sys.modules["openvino"]
-        with _no_telemetry():
+        with _no_telemetry():  # the lock: a module another thread is importing is half-made
+            if sys.modules.get("openvino") is not None:
+                return sys.modules["openvino"]
             import openvino
     except ImportError as exc:
         raise ModelError(INSTALL_HELP) from exc
