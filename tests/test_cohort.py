@@ -74,8 +74,9 @@ def serial(slides, tiny_encoder, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A LocalCluster of two worker processes; no worker outlives it (Python's resource
-    tracker and fork server, shared by the whole test process, stay by design)."""
+    """A LocalCluster of two worker processes; no worker (nor a worker's tile reader)
+    outlives it. Python's resource tracker and fork server, and the tile readers of this
+    process, shared by the whole test process, stay by design."""
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     with connect(local=2, dashboard=False, threads_per_worker=1) as conn:
@@ -85,6 +86,8 @@ def cluster():
         for p in me.children(recursive=True)
         if p.pid not in before
         and not re.search("resource_tracker|forkserver", " ".join(p.cmdline()))
+        # this process's own tile readers (an in-process embed of a test) stay by design
+        and not (p.ppid() == me.pid and "tilescope._readers" in " ".join(p.cmdline()))
     ]
     gone, alive = psutil.wait_procs(leftover, timeout=20)
     assert not alive, f"worker processes outlived the cluster: {alive}"
