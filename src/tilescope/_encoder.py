@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._torch_env import reuse_large_allocations
 from .errors import ModelError
 
 #: Prompt embeddings kept per encoder (a few hundred KB at 512-d).
@@ -104,6 +105,8 @@ class Encoder:
     ) -> None:
         import torch
 
+        if device.type == "cpu":
+            reuse_large_allocations()  # activations reused, not mapped afresh each batch
         clip: Any = model.to(device).eval()  # open_clip CLIP / CustomTextCLIP
         self.model = clip
         self.tokenizer = tokenizer
