@@ -112,7 +112,9 @@ class CohortIndex:
         if mode == "exact" or ann is None:
             rows, sims = exact_top_k(self._ix, q, k, ok, per_slide)
         else:
-            rows, sims = self._approx(q, k, ok, per_slide, nprobe or int(ann["nprobe"]))
+            # indexes written before `n_probe` scaled with the lists recorded 16: the rule holds
+            nprobe = nprobe or max(int(ann["nprobe"]), _ann.n_probe(int(ann["nlist"])))
+            rows, sims = self._approx(q, k, ok, per_slide, nprobe)
         ix = self._ix
         return [_match(self.folder, self.entries[int(ix.store_id[r])], int(ix.row[r]),
                        int(ix.coords[r, 0]), int(ix.coords[r, 1]), float(s))

@@ -253,7 +253,7 @@ def _ann_update(
         _ann.add(index, ix, covered, man.n_rows, live)
     name = _ann.write(index, target)
     man.ann = {"file": name, "kind": "faiss IVF-SQ8, inner product", "n_rows": man.n_rows,
-               "nlist": int(index.nlist), "nprobe": _ann.NPROBE,
+               "nlist": int(index.nlist), "nprobe": _ann.n_probe(index.nlist),
                "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
 
 
