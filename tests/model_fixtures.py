@@ -71,8 +71,10 @@ def tilescope_caches_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="session")
 def tiny_encoder() -> Encoder:
-    """The ``tiny-random`` encoder on CPU (untrained, deterministic)."""
-    return load_encoder("tiny-random", device="cpu")
+    """The ``tiny-random`` encoder on CPU in eager torch fp32 (untrained, deterministic): the
+    reference other backends and open_clip itself are compared with. Named, not ``auto``: on a
+    CPU with native bf16, ``auto`` is OpenVINO bf16."""
+    return load_encoder("tiny-random", device="cpu", backend="torch")
 
 
 @pytest.fixture(scope="session")

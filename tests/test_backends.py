@@ -346,8 +346,12 @@ def test_resume_with_another_backend_is_a_notice_and_agrees(tiny_encoder, tiny_o
                        should_stop=lambda: calls.append(1) or len(calls) >= 3)  # fmt: skip
     assert not part.complete and EmbeddingStore.open(out).n_done == part.embedded_now
     assert part.embedded_now in (16, 32)
-    with pytest.warns(StoreNotice, match="model.backend: store has 'torch', this run 'openvino'"):
+    with pytest.warns(StoreNotice) as notes:
         done = embed_slide(CMU, out, encoder=tiny_ov, batch_size=16, num_workers=0)
+    (note,) = [str(n.message) for n in notes if issubclass(n.category, StoreNotice)]  # just one
+    assert "model.backend: store has 'torch', this run 'openvino'" in note
+    if tiny_ov.compute_precision == "bf16":
+        assert "model.compute_precision: store has 'fp32', this run 'bf16'" in note
     assert done.complete and done.embedded_now == ref.n_tiles - part.embedded_now
     store = EmbeddingStore.open(out)
     model = store.signature["model"]
@@ -371,13 +375,18 @@ def test_signature_records_backend_and_precision(tiny_ov):
 def test_widget_encoder_cache_is_keyed_by_resolved_device_and_backend(tiny_ov):
     from tilescope._napari import _common
 
+    # auto: the CPU here, and torch or OpenVINO bf16 as this CPU decides
+    _, picked = resolve_backend("auto", "auto")
+    other = "openvino" if picked == "torch" else "torch"
     auto = _common.get_encoder("tiny-random", "auto", "auto")
-    assert _common.get_encoder("tiny-random", None, "torch") is auto  # auto = cpu, torch here
-    assert _common.get_encoder("tiny-random", "cpu", "torch") is auto
+    assert auto.backend == picked
+    assert _common.get_encoder("tiny-random", None, picked) is auto
+    assert _common.get_encoder("tiny-random", "cpu", picked) is auto
     assert _common.get_encoder("tiny-random", "cpu") is auto  # backend None: any loaded one
-    openvino = _common.get_encoder("tiny-random", "cpu", "openvino")
-    assert openvino is not auto and openvino.backend == "openvino"
-    assert _common.get_encoder("tiny-random", "cpu", "openvino") is openvino
+    second = _common.get_encoder("tiny-random", "cpu", other)
+    assert second is not auto and second.backend == other
+    assert _common.get_encoder("tiny-random", "cpu", other) is second
+    assert _common.get_encoder("tiny-random", "auto", "auto") is auto
 
 
 @pytest.mark.napari

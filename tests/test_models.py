@@ -112,7 +112,7 @@ def test_bad_tile_arrays_are_refused(tiny_encoder):
 def test_same_tile_same_embedding_and_two_builds_identical(tiny_encoder):
     first = tiny_encoder.encode_images(TILES[:2])
     np.testing.assert_array_equal(tiny_encoder.encode_images(TILES[:2]), first)
-    other = load_encoder(TINY_MODEL, device="cpu")
+    other = load_encoder(TINY_MODEL, device="cpu", backend="torch")
     assert other.weights_digest == tiny_encoder.weights_digest
     np.testing.assert_array_equal(other.encode_images(TILES[:2]), first)
     # text: equal up to float rounding (a prompt's padding is cut to its batch's longest)
@@ -145,7 +145,7 @@ def check_snapshot_encoder(enc: Encoder, tiny: Encoder, weights: Path) -> None:
 def test_loads_from_local_folder_offline(snapshot_dir, offline_hub, tiny_encoder, form):
     offline_hub({})  # HF cache empty, offline: everything must come from the folder
     name = str(snapshot_dir) if form == "path" else f"local-dir:{snapshot_dir}"
-    enc = load_encoder(name, device="cpu")
+    enc = load_encoder(name, device="cpu", backend="torch")
     assert enc.model_id == f"local-dir:{snapshot_dir.resolve()}"
     check_snapshot_encoder(enc, tiny_encoder, snapshot_dir / "open_clip_pytorch_model.bin")
 
@@ -160,7 +160,7 @@ def test_folder_with_bert_config_beside_and_safetensors(
     (folder / "config.json").write_bytes(
         (repo_files[_tiny_model.BIOMEDBERT] / "config.json").read_bytes()
     )
-    enc = load_encoder(str(folder), device="cpu")
+    enc = load_encoder(str(folder), device="cpu", backend="torch")
     check_snapshot_encoder(enc, tiny_encoder, folder / "open_clip_model.safetensors")
 
 
@@ -169,7 +169,7 @@ def test_folder_with_bert_config_beside_and_safetensors(
 )
 def test_default_model_loads_from_prepared_hf_cache_offline(offline_hub, tiny_encoder, name):
     hub = offline_hub()  # what BiomedCLIP's model card leaves in the cache, nothing else
-    enc = load_encoder(name, device="cpu")
+    enc = load_encoder(name, device="cpu", backend="torch")
     assert enc.model_id == DEFAULT_MODEL
     (weights,) = hub.glob("models--microsoft--BiomedCLIP*/snapshots/*/open_clip_pytorch_model.bin")
     check_snapshot_encoder(enc, tiny_encoder, weights)
@@ -180,7 +180,7 @@ def test_hf_cache_location_is_read_from_the_environment_at_call_time(offline_hub
 
     offline_hub()
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", "/nonexistent/hub")  # as set at import
-    assert load_encoder(device="cpu").trained
+    assert load_encoder(device="cpu", backend="torch").trained
 
 
 def test_hf_cache_with_full_repo_but_no_bert_tokenizer(offline_hub, tiny_encoder):
@@ -190,7 +190,7 @@ def test_hf_cache_with_full_repo_but_no_bert_tokenizer(offline_hub, tiny_encoder
     full = ("open_clip_config.json", "open_clip_pytorch_model.bin", "tokenizer_config.json",
             "vocab.txt", "special_tokens_map.json")  # fmt: skip
     offline_hub({BIOMEDCLIP_REPO: full, BERT_REPO: ("config.json",)})
-    enc = load_encoder(DEFAULT_MODEL, device="cpu")
+    enc = load_encoder(DEFAULT_MODEL, device="cpu", backend="torch")
     assert enc.trained
     prompts = ["lymphocytes"]
     np.testing.assert_allclose(
@@ -201,19 +201,19 @@ def test_hf_cache_with_full_repo_but_no_bert_tokenizer(offline_hub, tiny_encoder
 # -- 4. bad inputs give one clear error ----------------------------------------------------------
 def test_unknown_model_name():
     with pytest.raises(ModelError, match="Unknown model 'not-a-model'") as info:
-        load_encoder("not-a-model", device="cpu")
+        load_encoder("not-a-model", device="cpu", backend="torch")
     assert not isinstance(info.value, WeightsNotFoundError)
     assert "tiny-random" in str(info.value) and "local-dir:" in str(info.value)
     with pytest.raises(ModelError, match="does not exist"):
-        load_encoder("/no/such/folder", device="cpu")
+        load_encoder("/no/such/folder", device="cpu", backend="torch")
     with pytest.raises(ModelError, match="tags for ViT-B-32: .*laion2b"):
-        load_encoder("ViT-B-32", device="cpu")
+        load_encoder("ViT-B-32", device="cpu", backend="torch")
 
 
 def test_missing_default_weights_offline_is_one_clear_error(offline_hub):
     hub = offline_hub({})
     with pytest.raises(WeightsNotFoundError) as info:
-        load_encoder(device="cpu")
+        load_encoder(device="cpu", backend="torch")
     msg = str(info.value)
     assert DEFAULT_MODEL in msg and str(hub) in msg
     for way in ("connect to the internet", "HF_HUB_CACHE", "/path/to/folder", "tiny-random"):
@@ -226,26 +226,26 @@ def test_cached_config_without_weights(offline_hub):
 
     offline_hub({BIOMEDCLIP_REPO: ("open_clip_config.json",), BERT_REPO: ("config.json",)})
     with pytest.raises(WeightsNotFoundError, match="found but not the weights"):
-        load_encoder(DEFAULT_MODEL, device="cpu")
+        load_encoder(DEFAULT_MODEL, device="cpu", backend="torch")
 
 
 def test_folder_without_weights_or_config(snapshot_dir, tmp_path, offline_hub):
     offline_hub({})
     (snapshot_dir / "open_clip_pytorch_model.bin").unlink()
     with pytest.raises(WeightsNotFoundError, match="no weights file") as info:
-        load_encoder(str(snapshot_dir), device="cpu")
+        load_encoder(str(snapshot_dir), device="cpu", backend="torch")
     assert str(snapshot_dir.resolve()) in str(info.value) and "tiny-random" in str(info.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelError, match="has no open_clip_config.json"):
-        load_encoder(str(empty), device="cpu")
+        load_encoder(str(empty), device="cpu", backend="torch")
 
 
 def test_folder_without_text_encoder_config(snapshot_dir, offline_hub):
     offline_hub({})
     (snapshot_dir / "text").unlink()
     with pytest.raises(WeightsNotFoundError, match="config.json of its text encoder") as info:
-        load_encoder(str(snapshot_dir), device="cpu")
+        load_encoder(str(snapshot_dir), device="cpu", backend="torch")
     assert "hf download microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract config.json" in str(
         info.value
     )
@@ -268,7 +268,7 @@ def test_checkpoint_that_would_run_code_is_refused(snapshot_dir, tmp_path, offli
     weights.unlink()  # a symlink into the shared session snapshot
     torch.save({"visual.x": torch.zeros(1), "payload": _RunsCode(marker)}, weights)
     with pytest.raises(ModelError, match="refusing to load"):
-        load_encoder(str(snapshot_dir), device="cpu")
+        load_encoder(str(snapshot_dir), device="cpu", backend="torch")
     assert not marker.exists()
 
 

@@ -247,8 +247,9 @@ def iter_embed_slide(
             overwrite=overwrite,
             retry_failed=retry_failed,
         )
-    for note in store.notices:
-        warnings.warn(f"{store.path}: resumed with other provenance: {note}", StoreNotice, 2)
+    if store.notices:  # one notice for one resume (backend, precision and dtype differ together)
+        warnings.warn(f"{store.path}: resumed with other provenance: {'; '.join(store.notices)}",
+                      StoreNotice, 2)  # fmt: skip
     for damage in store.repaired:
         warnings.warn(f"{store.path}: repaired: {damage}; embedding those rows again",
                       StoreNotice, 2)  # fmt: skip
