@@ -103,8 +103,9 @@ def main() -> None:
 
     import importlib
 
+    from tilescope._torch_env import available_cpus
     from tilescope.cohort import connect
-    from tilescope.cohort._cluster import FORKSERVER_PRELOAD, available_cpus
+    from tilescope.cohort._cluster import FORKSERVER_PRELOAD
 
     # the worker is forked with these imported (the cluster's start pays for them): import
     # them here too, so that neither side's time holds first imports the other's does not

@@ -1,6 +1,7 @@
 """End-to-end embedding against the bare forward of the same encoder on the same batches.
 
     python benchmarks/bench_embed.py [--tiles 1000] [--batch-size 16] [--skip-full]
+                                     [--backend auto|torch|openvino]
 
 On the benchmark slide of bench_pipeline.py (synthetic, JPEG, pyramidal, 0.25 µm/px, tiles of
 224 px at 0.5 µm/px), for the full-size BiomedCLIP architecture with random weights (and the
@@ -15,6 +16,9 @@ Prints one JSON object; the headline ``"ratio"`` is end-to-end / bare tiles per 
 full-size architecture (goal >= 0.95: reading and writing hidden behind the model). Bare runs
 before and after the end-to-end run are averaged, so drifting machine load favours neither.
 Random weights time the same as trained ones. The machine is shared: quote ``load_avg_1m``.
+`--backend` (default ``auto``, what `tilescope embed` picks: OpenVINO bf16 on a CPU with native
+bf16, else torch) runs both models on that backend; the faster the model, the more of the
+reading shows.
 """
 
 from __future__ import annotations
@@ -115,13 +119,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None, help="reader processes (auto)")
     ap.add_argument("--skip-full", action="store_true", help="tiny model only (quick)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"))
     args = ap.parse_args()
 
     slide = bench_slide(args.cache_dir)
-    runs = {"tiny": measure("tiny-random", load_encoder("tiny-random", device="cpu"), slide,
-                            args.tiny_tiles, args.batch_size, args.workers)}  # fmt: skip
+    tiny = load_encoder("tiny-random", device="cpu", backend=args.backend)
+    runs = {"tiny": measure("tiny-random", tiny, slide, args.tiny_tiles, args.batch_size,
+                            args.workers)}  # fmt: skip
     if not args.skip_full:
-        full = build_biomedclip_architecture(random_weights=True, device="cpu")
+        full = build_biomedclip_architecture(random_weights=True, device="cpu",
+                                             backend=args.backend)  # fmt: skip
         runs["full"] = measure("BiomedCLIP architecture, random weights", full, slide,
                                args.tiles, args.batch_size, args.workers)  # fmt: skip
     import torch
@@ -131,6 +138,7 @@ def main() -> None:
         "benchmark": "iter_embed_slide end-to-end vs bare forward on the same batches",
         "ratio": headline["ratio"],
         "ratio_model": headline["model"],
+        "backend": f"{full.backend} {full.compute_precision}" if not args.skip_full else None,
         "runs": runs,
         "batch_size": args.batch_size,
         "workers": args.workers if args.workers is not None else "auto (1 on the CPU)",

@@ -234,6 +234,26 @@ def test_backend_errors_are_clear(monkeypatch):
     assert resolve_backend("auto", "cpu")[1] == "torch"  # auto falls back
 
 
+def test_openvino_uses_the_cores_torch_may_use():
+    """A cohort worker shares its host by limiting torch's threads; OpenVINO (which ignores
+    torch and OMP_NUM_THREADS) must keep to the same share, else two workers on one host each
+    run on every core."""
+    from tilescope._torch_env import available_cpus
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = load_encoder("tiny-random", device="cpu", backend="openvino")
+        assert one._images.threads == 1
+        assert _openvino.compile_config("fp32", threads=1)["INFERENCE_NUM_THREADS"] == "1"
+        torch.set_num_threads(available_cpus())
+        every = load_encoder("tiny-random", device="cpu", backend="openvino")
+        assert every._images.threads == available_cpus()  # not limited: OpenVINO's own choice
+        assert "INFERENCE_NUM_THREADS" not in _openvino.compile_config("fp32")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compile_pads_to_one_shape(tiny_encoder, monkeypatch, real_tiles):
     monkeypatch.setattr(_torch_images, "COMPILE_BACKEND", "eager")  # the logic, not inductor
     enc = load_encoder("tiny-random", device="cpu", backend="torch", compile=True)

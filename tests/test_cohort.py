@@ -44,6 +44,9 @@ GOOD = ("s0", "s1", "s2", "s3")  # s1: its worker is killed; s2: partial; s3: co
 # s4: kills every worker that runs it (a slide that crashes its decoder); blank: no tissue
 BATCH = 4
 EMBED = {"grid": TileGrid(), "batch_size": BATCH}
+#: What the workers load: the serial reference's model and backend (`tiny_encoder`: torch fp32;
+#: ``auto`` would be OpenVINO bf16 on a CPU with native bf16), so stores can be compared exactly.
+MODEL = ModelSpec(name="tiny-random", device="cpu", load_kwargs={"backend": "torch"})
 CLASSES = ["tumor=invasive carcinoma|malignant epithelium", "normal=benign tissue"]
 
 
@@ -121,7 +124,7 @@ def run(cluster, slides, serial, tiny_encoder, tmp_path_factory):
     reports, models = [], []
     jobs = [(slides[n], out / f"{n}.zarr") for n in (*GOOD, "s4", "blank")]
     result = embed_cohort(
-        cluster.client, jobs, model="tiny-random", device="cpu", embed_kwargs=EMBED,
+        cluster.client, jobs, model=MODEL, embed_kwargs=EMBED,
         summary=out / SUMMARY_NAME, on_slide=reports.append, on_model=models.append,
         on_batch=functools.partial(_die, str(marker), {"s1.tif": 1, "s4.tif": 9}),
     )  # fmt: skip
@@ -202,12 +205,12 @@ def test_interrupted_run_keeps_rows_and_the_same_call_resumes(cluster, slides, s
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        embed_cohort(cluster.client, jobs, model="tiny-random", device="cpu",
+        embed_cohort(cluster.client, jobs, model=MODEL,
                      embed_kwargs=EMBED, summary=tmp_path / SUMMARY_NAME, progress=interrupt,
                      on_batch=_slow)  # fmt: skip
     with open(tmp_path / SUMMARY_NAME, newline="") as fh:
         assert {r["status"] for r in csv.DictReader(fh)} <= {"interrupted", "not started"}
-    again = embed_cohort(cluster.client, jobs, model="tiny-random", device="cpu",
+    again = embed_cohort(cluster.client, jobs, model=MODEL,
                          embed_kwargs=EMBED)  # fmt: skip
     assert [r.status for r in again.reports] == ["embedded", "embedded"]
     assert sum(r.embedded_now for r in again.reports) < sum(r.tiles or 0 for r in again.reports)

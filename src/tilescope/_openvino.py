@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from ._torch_env import cpu_threads
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -96,13 +97,21 @@ def choose_precision(capabilities: Sequence[str]) -> str:
     return "bf16" if "BF16" in {str(c).upper() for c in capabilities} else "fp32"
 
 
-def compile_config(precision: str, hint: str = DEFAULT_HINT, streams: int | None = None) -> dict:
-    """The CPU plugin properties for `precision` ("bf16" or "fp32")."""
+def compile_config(
+    precision: str,
+    hint: str = DEFAULT_HINT,
+    streams: int | None = None,
+    threads: int | None = None,
+) -> dict:
+    """The CPU plugin properties for `precision` ("bf16" or "fp32"); `threads` caps the cores
+    the model runs on (None: OpenVINO's choice, every core)."""
     if precision not in ("bf16", "fp32"):
         raise ModelError(f"OpenVINO precision {precision!r}: use 'bf16' or 'fp32'")
     config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision.replace("fp", "f")}
     if streams:
         config["NUM_STREAMS"] = str(streams)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
     return config
 
 
@@ -263,7 +272,8 @@ class OpenVINOImages:
         core = ov.Core()
         self.capabilities = cpu_capabilities()
         self.requested_precision = precision or choose_precision(self.capabilities)
-        config = compile_config(self.requested_precision, hint, streams)
+        # as many cores as torch may use where that was limited (a cohort worker's share)
+        config = compile_config(self.requested_precision, hint, streams, cpu_threads())
         xml, self.convert_seconds = converted_graph(encoder)
         t0 = time.perf_counter()
         try:
@@ -280,6 +290,7 @@ class OpenVINOImages:
         actual = hint_type.to_string() if hasattr(hint_type, "to_string") else str(hint_type)
         self.precision = _PRECISION_NAMES.get(actual, actual)
         self.streams = int(compiled.get_property("NUM_STREAMS"))
+        self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
         n_requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._queue = ov.AsyncInferQueue(compiled, max(1, n_requests))
         self._queue.set_callback(self._on_done)

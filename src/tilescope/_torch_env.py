@@ -9,7 +9,8 @@ imports triton via torchvision -> torch._dynamo). `preload_triton` imports trito
 through `tilescope.models.pick_device`, which calls it before torch is imported.
 
 `reuse_large_allocations` (called when an encoder is built for the CPU) keeps glibc from
-handing every activation back to the kernel between batches; see there.
+handing every activation back to the kernel between batches; see there. `available_cpus` and
+`cpu_threads` say how many cores the model may use.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import platform
 import sys
 import threading
 
-__all__ = ["preload_triton", "reuse_large_allocations"]
+__all__ = ["available_cpus", "cpu_threads", "preload_triton", "reuse_large_allocations"]
 
 #: glibc's ``mallopt`` parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -33,6 +34,27 @@ MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 512 << 20
 _tuned: bool | None = None
 _tune_lock = threading.Lock()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a Slurm or container allocation, not the whole host)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads() -> int | None:
+    """Threads an image tower on the CPU should use when torch was told to use fewer than
+    every available CPU (``torch.set_num_threads``, ``OMP_NUM_THREADS``, a cohort worker's
+    share of its host), else None: the runtime's own choice, every core.
+
+    OpenVINO ignores torch's setting and ``OMP_NUM_THREADS`` (it runs on TBB): without this,
+    two cohort workers on one host would each run on every core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return threads if threads < available_cpus() else None
 
 
 def preload_triton() -> None:

@@ -11,7 +11,6 @@ does not grow with the slide.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._blocks import ReadPlan, read_tiles
+from ._torch_env import available_cpus
 from .errors import GridError, RegionReadError
 from .grid import TileLayout
 from .schedule import TileSchedule
@@ -39,10 +39,7 @@ Order = Sequence[int] | np.ndarray | TileSchedule | None
 
 def default_workers() -> int:
     """Reader processes by default: one per CPU this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+    return available_cpus()
 
 
 @dataclass(frozen=True)

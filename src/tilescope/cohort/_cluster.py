@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._torch_env import available_cpus
 from ..errors import TilescopeError
-from ._worker import available_cpus
 
 #: Where a LocalCluster's dashboard listens (another free port if this one is taken).
 LOCAL_DASHBOARD = "127.0.0.1:8787"

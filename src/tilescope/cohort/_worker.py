@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from distributed import WorkerPlugin, get_worker
 
+from .._torch_env import available_cpus
 from ..errors import StoreNotice, TilescopeError
 
 if TYPE_CHECKING:
@@ -70,14 +71,6 @@ def worker_device(requested: str | None, worker_name: object, n_cuda: int) -> st
     m = re.search(r"(\d+)$", str(worker_name))
     index = int(m.group(1)) if m else os.getpid()
     return f"cuda:{index % n_cuda}"
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (a Slurm or container allocation, not the whole host)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
 
 
 class CohortWorker(WorkerPlugin):
