@@ -453,9 +453,10 @@ def test_cli_backend_flag(tmp_path, capsys, tiny_ov):
     args = ["embed", str(need(CMU)), "-o", str(out), "--model", "tiny-random", "--mpp", "2"]
     assert main([*args, "--backend", "openvino"]) == 0
     printed = capsys.readouterr().out
-    assert (
-        f"image tower: openvino {tiny_ov.compute_precision} on cpu, 16 tiles per batch" in printed
-    )
+    n = tiny_ov.cpu_threads
+    assert n is not None and n >= 1
+    tower = f"openvino {tiny_ov.compute_precision} on cpu, {n} thread{'s' * (n != 1)}"
+    assert f"image tower: {tower}, 16 tiles per batch" in printed
     assert EmbeddingStore.open(out).signature["model"]["backend"] == "openvino"
     assert main([*args, "--backend", "openvino", "--device", "cuda"]) == 1
     assert "runs on the CPU, not on 'cuda'" in capsys.readouterr().err

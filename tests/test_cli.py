@@ -63,6 +63,13 @@ def test_untrained_model_is_labelled_in_text_output(embedded, capsys):
     _, store = embedded
     assert main(["score", str(store), "--class", "a=tumor", "--class", "b=stroma"]) == 0
     assert "UNTRAINED" in capsys.readouterr().out
+    st = EmbeddingStore.open(store)
+    x, y = (int(v) for v in st.coords[len(st.coords) // 2])
+    assert main(["search", str(store), "--region", f"{x},{y},224,224", "-k", "3"]) == 0
+    assert "UNTRAINED model: these matches mean nothing" in capsys.readouterr().out
+    assert main(["search", str(store), "--region", f"{x},{y},224,224", "-k", "3", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[: out.rindex("}") + 1])["trained_model"] is False
 
 
 def test_search_ranks_and_excludes_the_query(embedded, capsys, tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
+from tilescope._torch_env import available_cpus
 from tilescope.cli import main
 from tilescope.cohort import (
     SUMMARY_NAME,
@@ -235,6 +236,10 @@ def test_cli_joins_a_cluster_by_scheduler_file(cluster, slides, tmp_path, capsys
     text = capsys.readouterr()
     assert "cohort: 2 slides on the Dask scheduler at tcp://" in text.out
     assert "dashboard:" in text.out and "UNTRAINED" in text.out
+    # the two workers of this host share its CPUs, whichever backend auto picked
+    n = max(1, available_cpus() // 2)
+    tower = rf"image tower: (torch fp32|openvino (bf16|fp32)) on cpu, {n} threads? \(worker"
+    assert re.search(tower, text.out), text.out
     assert "2/2 slides" in text.err and "patches/s" in text.err
     stores = sorted(p.name for p in out.glob("*.zarr"))
     assert len(stores) == 2 and "s0.zarr" in stores and stores[0].startswith("s0-")

@@ -163,6 +163,24 @@ class Encoder:
         return str(self._images.precision)
 
     @property
+    def cpu_threads(self) -> int | None:
+        """Threads the image tower runs on when it runs on the CPU (None on a GPU)."""
+        if self.device.type != "cpu":
+            return None
+        threads = getattr(self._images, "threads", None)  # OpenVINO's own pool
+        if threads:
+            return int(threads)
+        import torch
+
+        return int(torch.get_num_threads())
+
+    def describe_tower(self) -> str:
+        """What runs the image tower, for a person: ``openvino bf16 on cpu, 2 threads``."""
+        threads = self.cpu_threads
+        where = f"{self.device}" + (f", {threads} thread{'s' * (threads != 1)}" if threads else "")
+        return f"{self.backend} {self.compute_precision} on {where}"
+
+    @property
     def input_hw(self) -> tuple[int, int]:
         """(height, width) of the image tower's input."""
         return self._hw

@@ -86,10 +86,8 @@ class _Display:
         self.bar: Any = None
 
     def model(self, info: dict[str, Any]) -> None:
-        print(
-            f"  model: {info.get('label')} on {info.get('device')} (worker {info.get('worker')}, "
-            f"torch threads: {info.get('torch_threads')})"
-        )
+        tower = info.get("image_tower", f"on {info.get('device')}")
+        print(f"  model: {info.get('label')}, image tower: {tower} (worker {info.get('worker')})")
         if not info.get("trained", True):
             print(f"NOTE: {info.get('label')}: embeddings are for testing the pipeline only.")
         from tqdm import tqdm

@@ -120,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if not encoder.trained:
         print(f"NOTE: {encoder.label}: embeddings are for testing the pipeline only.")
     batch = args.batch_size or encoder.default_batch_size
-    print(f"image tower: {encoder.backend} {encoder.compute_precision} on {encoder.device}, "
-          f"{batch} tiles per batch")  # fmt: skip
+    print(f"image tower: {encoder.describe_tower()}, {batch} tiles per batch")
     for slide, target in todo:
         # embed_slide decides: it resumes a store made with these settings (a finished one is
         # a fast no-op), repairs a damaged one, and refuses one made with other settings

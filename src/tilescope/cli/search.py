@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )  # fmt: skip
     matches = found.matches
+    trained = bool(store.signature["model"].get("trained", True))
     outputs = _write_outputs(args, store, query, pos, neg, matches)
     if args.json:
         print(
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                     "n_failed": store.n_failed,
                     "n_not_embedded": store.n_todo,
                     "complete": store.complete,
+                    "trained_model": trained,  # False: similarities of an untrained model
                     "query": {
                         "like": len(pos),
                         "unlike": len(neg),
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     else:
+        if not trained:
+            print("NOTE: stores embedded with an UNTRAINED model: these matches mean nothing.")
         if store.n_todo:
             print(f"NOTE: the store is partial ({store.state_text()}): only embedded tiles "
                   "are queried and matched")  # fmt: skip

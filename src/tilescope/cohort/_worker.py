@@ -171,6 +171,7 @@ def probe(plugin_name: str, host_workers: Mapping[str, int]) -> dict[str, Any]:
         "label": enc.label,
         "trained": bool(enc.trained),
         "device": str(enc.device),
+        "image_tower": enc.describe_tower(),
         "tilescope_version": __version__,
         "daemonic": multiprocessing.current_process().daemon,
         "worker": get_worker().name,
