@@ -94,7 +94,7 @@ def connect(
             )
             client = stack.enter_context(Client(cluster))
             what = f"a local cluster of {n} worker process{'es' if n > 1 else ''}"
-            what += f" ({torch_threads} torch thread{'s' if torch_threads > 1 else ''} each)"
+            what += f" ({torch_threads} model thread{'s' if torch_threads > 1 else ''} each)"
         else:
             where = scheduler or scheduler_file
             if scheduler_file and not Path(scheduler_file).is_file():  # Dask would wait forever
