@@ -575,3 +575,39 @@ def test_a_finished_store_on_a_read_only_file_system(embedded, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "nothing to do" in proc.stdout
     assert sorted(str(p) for p in folder.rglob("*")) == before  # no lock file, nothing written
+
+
+def test_a_folder_stands_for_the_slides_in_it(synth_slide, tmp_path, capsys):
+    """`tilescope embed FOLDER -o DIR`: every slide file under FOLDER (sub-folders too, as TCGA
+    lays a cohort out), not hidden ones or stores; an empty folder is a clear error."""
+    from tilescope.slide import find_slides
+
+    cohort = tmp_path / "cohort"
+    (cohort / "uuid-1").mkdir(parents=True)
+    (cohort / ".trash").mkdir()
+    (cohort / "old.zarr").mkdir()
+    (cohort / "uuid-1" / "b.tif").symlink_to(synth_slide)
+    (cohort / "a.svs").symlink_to(need(CMU))
+    (cohort / ".trash" / "c.svs").symlink_to(need(CMU))
+    (cohort / "old.zarr" / "d.tif").symlink_to(synth_slide)
+    (cohort / "notes.txt").write_text("not a slide")
+    dicom = cohort / "dicom-slide"
+    dicom.mkdir()
+    for name in ("level-1.dcm", "level-0.dcm", "label.dcm"):  # one DICOM slide, many files
+        (dicom / name).write_bytes(b"DICM")
+    found = [p.relative_to(cohort).as_posix() for p in find_slides(cohort)]
+    assert found == ["a.svs", "dicom-slide/label.dcm", "uuid-1/b.tif"]
+
+    for f in dicom.iterdir():  # stub files: not slides OpenSlide could open
+        f.unlink()
+    out = tmp_path / "out"
+    assert main(["embed", str(cohort), "-o", str(out), *TINY]) == 0
+    assert f"{cohort}: 2 slide files" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["a.zarr", "b.zarr"]
+    assert all(EmbeddingStore.open(p).complete for p in out.glob("*.zarr"))
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main(["embed", str(empty), "-o", str(out), *TINY]) == 1
+    line = err_line(capsys)
+    assert str(empty) in line and "no slide files" in line

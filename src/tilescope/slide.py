@@ -39,6 +39,34 @@ SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm",
 )  # fmt: skip
 
+
+def find_slides(folder: str | PathLike[str]) -> list[Path]:
+    """The slide files under `folder` and its sub-folders, sorted (as a cohort is laid out:
+    TCGA downloads put each slide in a folder of its own), by `SLIDE_SUFFIXES`.
+
+    A DICOM slide is a folder of ``.dcm`` files, and OpenSlide opens it from any one of them:
+    one ``.dcm`` per folder is listed. Hidden entries and Zarr stores (``*.zarr``, which may
+    lie beside the slides) are skipped. Nothing is opened: a file that is not a slide after
+    all is reported when it is.
+    """
+    root = Path(folder)
+    found: list[Path] = []
+    dicom_dirs: set[Path] = set()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).parts
+        if any(p.startswith(".") or p.lower().endswith(".zarr") for p in rel):
+            continue
+        suffix = path.suffix.lower()
+        if suffix not in SLIDE_SUFFIXES or not path.is_file():
+            continue
+        if suffix == ".dcm":
+            if path.parent in dicom_dirs:
+                continue
+            dicom_dirs.add(path.parent)
+        found.append(path)
+    return found
+
+
 #: Two resolutions closer than this (relative) count as equal: a 0.499 µm/px slide is read as
 #: 0.5 µm/px without resampling.
 MPP_TOLERANCE = 0.02

@@ -46,11 +46,12 @@ def plan(args: argparse.Namespace, grid: Any) -> tuple[list[tuple[str, Path]], i
     )
     from ..slide import Slide
 
+    slides = _slide_files(args.slides)
     out = Path(args.out) if args.out else None
     single = out is not None and out.suffix.lower() == ".zarr" and not _folder_of_stores(out)
-    if single and len(args.slides) > 1:
+    if single and len(slides) > 1:
         raise TilescopeError(
-            f"-o {out}: names one store, but {len(args.slides)} slides were given; pass a "
+            f"-o {out}: names one store, but {len(slides)} slides were given; pass a "
             "folder (-o DIR) to get one store per slide"
         )
     if out is None:
@@ -61,7 +62,7 @@ def plan(args: argparse.Namespace, grid: Any) -> tuple[list[tuple[str, Path]], i
     status = 0
     todo: list[tuple[str, Path]] = []
     seen: dict[tuple[int, str], str] = {}
-    for slide in args.slides:
+    for slide in slides:
         try:
             with Slide(slide, mpp=args.slide_mpp) as s:
                 _ = s.mpp  # a slide without a pixel size fails here, not after the model loads
@@ -91,6 +92,26 @@ def plan(args: argparse.Namespace, grid: Any) -> tuple[list[tuple[str, Path]], i
             target = store_path_for(slide, out, identity=ident, taken=[t for _, t in todo])
         todo.append((slide, target))
     return todo, status
+
+
+def _slide_files(given: list[str]) -> list[str]:
+    """The slides named on the command line, a folder standing for the slides in it."""
+    from ..slide import SLIDE_SUFFIXES, find_slides
+
+    slides: list[str] = []
+    for arg in given:
+        if not Path(arg).is_dir() or arg.lower().rstrip("/").endswith(".zarr"):
+            slides.append(arg)  # a file (or a bad path: Slide says what is wrong with it)
+            continue
+        found = [str(p) for p in find_slides(arg)]
+        if not found:
+            raise TilescopeError(
+                f"{arg}: a folder with no slide files in it or its sub-folders (looked for "
+                f"{', '.join(SLIDE_SUFFIXES)}); pass slide files or a folder that holds them"
+            )
+        print(f"{arg}: {len(found)} slide file{'s' * (len(found) != 1)}")
+        slides.extend(found)
+    return slides
 
 
 def _folder_of_stores(p: Path) -> bool:
@@ -183,7 +204,7 @@ def _roi(args: argparse.Namespace) -> dict[str, Any]:
     from ..embed import embed_slide
 
     flags = " and ".join(f for f, v in (("--roi", args.roi), ("--region", boxes)) if v)
-    if len(args.slides) != 1:
+    if len(args.slides) != 1 or Path(args.slides[0]).is_dir():
         raise TilescopeError(f"{flags}: regions of one slide; embed that slide alone")
     regions: list[Any] = [xywh(b) for b in boxes]  # checked: finite, positive size
     if args.roi:
@@ -199,7 +220,9 @@ def register(sub: Any) -> None:
     from ..models import BACKENDS
 
     p = sub.add_parser("embed", help="tile and embed slides into zarr stores (resumable)")
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to embed")
+    p.add_argument("slides", nargs="+", metavar="SLIDE",
+                   help="slide files to embed, or folders: every slide file in them and their "
+                        "sub-folders")  # fmt: skip
     p.add_argument(
         "-o",
         "--out",
