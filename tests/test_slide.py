@@ -125,15 +125,21 @@ def bad_files(tmp_path):
     Image.new("RGB", (64, 64), "red").save(png)
     empty = tmp_path / "empty.svs"
     empty.write_bytes(b"")
+    cut = tmp_path / "cut-short.svs"  # a real SVS whose copy stopped after 100 kB
+    cut.write_bytes(need(CMU).read_bytes()[:100_000])
+    strips = tmp_path / "strips.tif"  # a plain TIFF: no tiles, no pyramid
+    Image.new("RGB", (64, 64), "red").save(strips)
     return {
         "missing": (tmp_path / "nope.svs", SlideNotFoundError),
         "text": (text, UnsupportedFormatError),
         "png": (png, UnsupportedFormatError),
         "empty": (empty, UnsupportedFormatError),
+        "cut": (cut, UnsupportedFormatError),
+        "strips": (strips, UnsupportedFormatError),
     }
 
 
-@pytest.mark.parametrize("which", ["missing", "text", "png", "empty"])
+@pytest.mark.parametrize("which", ["missing", "text", "png", "empty", "cut", "strips"])
 def test_bad_inputs_raise_a_clear_error(bad_files, which, capsys):
     path, exc = bad_files[which]
     with pytest.raises(exc) as info:
@@ -143,6 +149,8 @@ def test_bad_inputs_raise_a_clear_error(bad_files, which, capsys):
     assert main(["info", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and "Traceback" not in err[0]
+    if which in ("cut", "strips"):  # a TIFF header: say what may be wrong with the file
+        assert "may be incomplete" in err[0] and "without tiles and pyramid" in err[0]
 
 
 def test_cli_info_text_and_json(capsys):

@@ -160,6 +160,17 @@ class Slide:
         except Exception as exc:  # OpenSlide raises on unreadable files
             raise UnsupportedFormatError(self.path, f"OpenSlide cannot read it ({exc})") from exc
         if vendor is None:
+            with open(self.path, "rb") as fh:
+                head = fh.read(4)
+            if head in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF or BigTIFF
+                size = self.path.stat().st_size
+                raise UnsupportedFormatError(
+                    self.path,
+                    f"a TIFF file ({size:,} bytes) that OpenSlide cannot read as a slide: it may "
+                    "be incomplete (a copy or download cut short: compare its size or checksum "
+                    "with the source and copy it again), or a plain TIFF without tiles and "
+                    "pyramid (convert it, e.g. with `vips tiffsave --tile --pyramid`)",
+                )
             raise UnsupportedFormatError(
                 self.path,
                 "not a whole-slide image OpenSlide can read (formats: SVS, NDPI, MRXS, SCN, "
