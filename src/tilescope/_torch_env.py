@@ -50,7 +50,8 @@ def cpu_threads() -> int | None:
     share of its host), else None: the runtime's own choice, every core.
 
     OpenVINO ignores torch's setting and ``OMP_NUM_THREADS`` (it runs on TBB): without this,
-    two cohort workers on one host would each run on every core."""
+    two cohort workers on one host would each run on every core. (With SMT, torch's default is
+    one thread per physical core, which is OpenVINO's default too: the cap changes nothing.)"""
     import torch
 
     threads = torch.get_num_threads()
