@@ -219,6 +219,35 @@ def test_handles_of_finished_threads_are_closed(synth):
         assert len(s._handles) <= 2
 
 
+def test_large_regions_painted_in_bands_are_the_same_pixels(synth, monkeypatch):
+    """A large region (a tissue-mask level) is painted by a few threads in bands: the pixels
+    are those of one call, on every level, from any corner (also past the slide's edge), and
+    the bands' handles are closed."""
+    import threading
+
+    from tilescope import slide as slide_mod
+
+    _, path, _ = synth
+    with Slide(path) as s:
+        cases = [((0, 0), 0, (2600, 2000)), ((37, 501), 0, (1999, 1203)),
+                 ((0, 0), 1, s.level_dimensions[1]), ((1200, 1600), 1, (700, 400))]  # fmt: skip
+        one = {c: s.read_region(*c) for c in cases}
+        monkeypatch.setattr(slide_mod, "_BAND_MIN_PX", 1)
+        monkeypatch.setattr(slide_mod, "available_cpus", lambda: 3)
+        names: set[str] = set()
+        paint = slide_mod._paint
+
+        def spy(*args, **kwargs):
+            names.add(threading.current_thread().name)
+            return paint(*args, **kwargs)
+
+        monkeypatch.setattr(slide_mod, "_paint", spy)
+        for c in cases:
+            np.testing.assert_array_equal(s.read_region(*c), one[c], err_msg=str(c))
+        assert any(n.startswith("tilescope-read") for n in names)  # bands were painted
+        assert len(s._handles) <= 1  # no band thread left its handle open
+
+
 def test_levels_snap_so_grid_and_reads_agree(synth):
     """A target within 2% of a pyramid level is read from that level as is (no resize)."""
     spec, path, _ = synth

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._resample import resize_rgb, rgb_array, rgb_image, scale_box
 from ._resample import rgba_to_rgb as _rgba_to_rgb  # noqa: F401  (kept importable from here)
+from ._torch_env import available_cpus
 from .errors import (
     MissingMppError,
     RegionReadError,
@@ -78,6 +79,11 @@ PLAUSIBLE_MPP = (0.05, 25.0)
 _HEADER_BYTES = 1 << 20
 #: Whole-slide reads above this many level pixels go strip by strip (bounded memory).
 _MAX_READ_PX = 1 << 26
+#: A region of at least this many pixels (a tissue-mask level, a strip) is painted in bands by
+#: up to `_READ_THREADS` threads: OpenSlide decodes in C without the GIL, one handle per thread.
+#: Measured on a 7,168 px JPEG level with 2 cores: 0.86 s in one call, 0.46-0.62 s in two bands.
+_BAND_MIN_PX = 1 << 23
+_READ_THREADS = 4
 
 
 def _openslide() -> Any:
@@ -389,6 +395,10 @@ class Slide:
             raise SlideError(self.path, f"level {level} out of range 0..{self.level_count - 1}")
         x, y = int(location[0]), int(location[1])
         try:
+            if out is None and w * h >= _BAND_MIN_PX:
+                bands = self._paint_bands(x, y, level, w, h)
+                if bands is not None:
+                    return bands
             return _paint(self._osr, x, y, level, w, h, out)
         except Exception as exc:
             self.close_thread_handle()  # the handle is now in an error state; reopen next time
@@ -397,6 +407,30 @@ class Slide:
                 f"failed to decode region at level-0 ({location[0]}, {location[1]}), "
                 f"level {level}, size {w}x{h}: {exc}",
             ) from exc
+
+    def _paint_bands(self, x: int, y: int, level: int, w: int, h: int) -> RawRegion | None:
+        """A large region painted as horizontal bands by a few threads, into one buffer: the
+        same pixels as one call (a band starts on a whole level pixel, so only on levels with
+        an integer downsample). None where that cannot be done (one CPU, no low-level call)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ds = float(self.level_downsamples[level])
+        n = min(_READ_THREADS, available_cpus(), h)
+        if n < 2 or not ds.is_integer() or _lowlevel_read() is None:
+            return None
+        buf = np.zeros((h, w), np.uint32)
+        edges = np.linspace(0, h, n + 1).astype(int)
+
+        def band(i: int) -> None:
+            r0, r1 = int(edges[i]), int(edges[i + 1])
+            try:
+                _paint(self._osr, x, y + r0 * int(ds), level, w, r1 - r0, buf[r0:r1])
+            finally:  # the pool's threads end here: their handles must not pile up
+                self.close_thread_handle()
+
+        with ThreadPoolExecutor(n, thread_name_prefix="tilescope-read") as pool:
+            list(pool.map(band, range(n)))  # re-raises a band's error
+        return RawRegion(buf)
 
     def read_region_mpp(
         self, location: tuple[int, int], size: tuple[int, int], *, mpp: float
