@@ -188,6 +188,9 @@ def test_errors_are_worded_for_the_widget(make_napari_viewer, crc, tmp_path) -> 
     assert "train first" in widget._status.value
     with pytest.raises(Exception, match="type a class name"):
         widget.add_class("  ")
+    widget._apply.native.click()  # the classifier box still empty
+    assert "choose a classifier file first" in widget._status.value
+    assert "Errno" not in widget._status.value and "--" not in widget._status.value
     bogus = tmp_path / "bogus.json"
     bogus.write_text("{}")
     widget._clf_file.value = bogus

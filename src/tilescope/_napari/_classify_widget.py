@@ -350,7 +350,13 @@ class TissueClassifierWidget(DockContainer):
 
     def _on_apply(self, _: Any = None) -> None:
         try:
-            clf = Classifier.load(Path(str(self._clf_file.value)))
+            path = Path(str(self._clf_file.value))
+            if not str(self._clf_file.value) or path.is_dir():  # an empty box reads as "."
+                raise ClassifierError(
+                    "choose a classifier file first (Select file: a .json that Write saved, "
+                    "here or on another slide), or Train one here"
+                )
+            clf = Classifier.load(path)
             req = self.request(classifier=clf)
         except Exception as exc:
             self._on_error(exc)
