@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup
 # Use a local copy of the sample slide when one lies beside the checkout (offline machines).
-local_sample="../shared/data/slides/CMU-1-Small-Region.svs"
+local_sample="$(cd .. && pwd)/shared/data/slides/CMU-1-Small-Region.svs"
 if [ -z "${TILESCOPE_SAMPLE_SLIDE:-}" ] && [ -f "$local_sample" ]; then
   export TILESCOPE_SAMPLE_SLIDE="$local_sample"
 fi

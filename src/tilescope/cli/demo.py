@@ -10,7 +10,7 @@ from typing import Any
 def run(args: argparse.Namespace) -> int:
     from .. import demo
 
-    out = Path(args.out)
+    out = Path(args.out).absolute()  # printed in full: demo.sh runs in the checkout
     out.mkdir(parents=True, exist_ok=True)
     slide = demo.demo_slide(args.slide, out)
     if not args.headless and demo.has_display():
