@@ -386,3 +386,27 @@ def test_a_slide_without_pixel_size_is_placed_in_um_once_given(make_napari_viewe
     (c0, c1), (t0, t1) = (np.asarray(x.extent.world)[:, -2:] for x in (cmu, tcga))
     assert t0[1] > c1[1]  # beside the CMU slide, in µm
     assert embed.request().slide_mpp == 0.25
+
+
+def test_draw_buttons_without_a_slide_say_so_and_add_no_layer(make_napari_viewer):
+    """Pressing Draw (search, its 'not like this', embed regions) or Add class before any slide
+    is open: nothing to draw on, so no empty shapes layer (in pixels, beside slides in µm
+    later), and the widget says to open a slide."""
+    from tilescope._napari._viewfirst import REGIONS_ONLY
+
+    viewer = shown_viewer(make_napari_viewer)
+    widgets = {name: dock(viewer, name) for name in WIDGETS}
+    search, embed = widgets["Region search"], widgets["Embed slide"]
+    classify = widgets["Tissue classifier"]
+    embed._mode.value = REGIONS_ONLY  # enables its Draw regions button
+    presses = [(search, search._draw), (search, search._draw_negative),
+               (embed, embed._draw_regions), (classify, classify._add_class)]  # fmt: skip
+    for widget, button in presses:
+        assert button.enabled
+        button.native.click()
+        settle()
+        assert widget._status.value.startswith("error: open a slide first"), button.text
+    search._search_folder.native.click()
+    assert search._status.value.startswith("error: open a slide first")
+    assert list(viewer.layers) == []
+    assert_fits(viewer)

@@ -118,7 +118,7 @@ class TissueClassifierWidget(DockContainer):
                      self._accuracy, self._table, save, clf, self._status])  # fmt: skip
         self._store.on_error = self._on_error
         self._slide.changed.connect(self._store.set_slide)
-        self._add_class.changed.connect(lambda: self.add_class(self._class_name.value))
+        self._add_class.changed.connect(self._on_add_class)
         self._train.changed.connect(self._on_train)
         self._save.changed.connect(self._on_save)
         self._write.changed.connect(self._on_write)
@@ -141,6 +141,14 @@ class TissueClassifierWidget(DockContainer):
         roles = (CLASS_ROLE, QUPATH_ROLE)
         return [ly for ly in self._viewer.layers if isinstance(ly, Shapes)
                 and ly.metadata.get("tilescope", {}).get("role") in roles]  # fmt: skip
+
+    def _on_add_class(self, _: Any = None) -> None:
+        try:
+            if self._slide.value is None:  # nothing to draw on: no empty layer in pixels
+                raise no_slide_error(self._viewer)
+            self.add_class(self._class_name.value)
+        except Exception as exc:
+            self._on_error(exc)
 
     def add_class(self, name: str) -> Any:
         """The shapes layer of class `name` (created, in the class colour, if absent), ready

@@ -163,7 +163,7 @@ class EmbedWidget(EmbedModes, DockContainer):
              regions, row(self._run, self._cancel), self._status]
         )  # fmt: skip
         self._mode.changed.connect(self._sync_mode)
-        self._draw_regions.changed.connect(self.draw_regions)
+        self._draw_regions.changed.connect(self._on_draw_regions)
         self._run.changed.connect(self._on_run)
         self._cancel.changed.connect(self._on_cancel)
         self._slide.changed.connect(self._on_slide)
@@ -249,6 +249,12 @@ class EmbedWidget(EmbedModes, DockContainer):
             gen.close()
 
     # -- Qt side ------------------------------------------------------------------------------
+    def _on_draw_regions(self, _: Any = None) -> None:
+        if self._slide.value is None:  # nothing to draw on: no empty layer in pixels
+            report_error(self._status, no_slide_error(self._viewer))
+            return
+        self.draw_regions()
+
     def _on_run(self, _: Any = None) -> None:
         try:
             req = self.request()

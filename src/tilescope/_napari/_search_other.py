@@ -26,7 +26,7 @@ from ._common import UNTRAINED_TAG, RunProgress, camera_of, start_worker
 from ._frame import SlideFrame, result_name
 from ._layers import matches_layer, put_layers
 from ._messages import notify_info, report_status
-from ._slides import find_slide_file, layer_of_file
+from ._slides import find_slide_file, layer_of_file, no_slide_error
 from ._stores import folders
 
 #: Matches found on other slides ("Search other slides"), outlined on their slide.
@@ -80,6 +80,7 @@ class OtherSlides:
     """The *other slides* part of `RegionSearchWidget` (a mixin: it uses the widget's parts)."""
 
     _viewer: Any
+    _slide: Any
     _folder: Any
     _k: Any
     _per_slide: Any
@@ -104,6 +105,8 @@ class OtherSlides:
         `per_slide` from any one slide (None or 0: no cap)."""
         res = self.last_result
         if res is None:
+            if self._slide.value is None:
+                raise no_slide_error(self._viewer)
             raise SearchError("search this slide first: the query comes from the drawn region")
         req = res.request
         exclude = {str(req.store_path): res.query_idx} if req.exclude_query else None

@@ -146,8 +146,8 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
              self._match, self._legend, self._folder, other, self._results, self._status]
         )  # fmt: skip
         self._store.on_error = self._on_error
-        self._draw.changed.connect(lambda: self.draw_layer(QUERY_LAYER))
-        self._draw_negative.changed.connect(lambda: self.draw_layer(NEGATIVE_LAYER))
+        self._draw.changed.connect(lambda: self._on_draw(QUERY_LAYER))
+        self._draw_negative.changed.connect(lambda: self._on_draw(NEGATIVE_LAYER))
         self._search.changed.connect(self._on_search)
         self._search_folder.changed.connect(self._on_search_folder)
         self._cancel_folder.changed.connect(self._on_cancel_folder)
@@ -215,6 +215,12 @@ class RegionSearchWidget(LiveFollower, OtherSlides, DockContainer):
         self.reset_choices()
         (self._negative if negative else self._positive).value = layer
         return layer
+
+    def _on_draw(self, name: str) -> None:
+        if self._slide.value is None:  # nothing to draw on: no empty layer in pixels either
+            report_error(self._status, no_slide_error(self._viewer))
+            return
+        self.draw_layer(name)
 
     def draw_layer(self, name: str) -> None:
         """Select the query layer `name` and switch to drawing rectangles."""
