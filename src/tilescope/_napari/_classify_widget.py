@@ -342,14 +342,20 @@ class TissueClassifierWidget(DockContainer):
         self._status.value = f"saved as scores/{name} in {Path(store.path).name}"
         notify_info(f"saved the classes as scores/{name} in {store.path}")
 
+    def _classifier_file(self, missing: str) -> Path:
+        """The file in the classifier box; `ClassifierError(missing)` if none is chosen (an
+        empty box reads as the folder ".")."""
+        path = Path(str(self._clf_file.value))
+        if not str(self._clf_file.value) or path.is_dir():
+            raise ClassifierError(missing)
+        return path
+
     def _on_write(self, _: Any = None) -> None:
         res = self.last_result
         try:
             if res is None:
                 raise ClassifierError("train first: there is no classifier to write yet")
-            path = Path(str(self._clf_file.value))
-            if not str(self._clf_file.value) or path.is_dir():
-                raise ClassifierError("choose a file for the classifier (e.g. tissue.json)")
+            path = self._classifier_file("choose a file for the classifier (e.g. tissue.json)")
             res.classifier.save(path.with_suffix(".json"))
         except Exception as exc:
             self._on_error(exc)
@@ -358,12 +364,10 @@ class TissueClassifierWidget(DockContainer):
 
     def _on_apply(self, _: Any = None) -> None:
         try:
-            path = Path(str(self._clf_file.value))
-            if not str(self._clf_file.value) or path.is_dir():  # an empty box reads as "."
-                raise ClassifierError(
-                    "choose a classifier file first (Select file: a .json that Write saved, "
-                    "here or on another slide), or Train one here"
-                )
+            path = self._classifier_file(
+                "choose a classifier file first (Select file: a .json that Write saved, "
+                "here or on another slide), or Train one here"
+            )
             clf = Classifier.load(path)
             req = self.request(classifier=clf)
         except Exception as exc:
